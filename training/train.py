@@ -1,0 +1,175 @@
+"""Train the CLSM (paper Sec. 3): python -m training.train --config configs/default.toml
+--data cache/windows.npz --out runs/NAME [--max-steps N] [--minutes M] [--resume]
+
+Per batch: |xT| uniform in {16, 32, 48, 64}, |xCL| uniform in {0, 16, ..., 128 - |xT|} per window,
+a random valid transposition per window, loss (1/|xT|) Lrec + beta * KL with beta annealed
+linearly from 0, Adam. Checkpoints are one dict {model, optimizer, model_args, step, config,
+metrics} written atomically and loadable with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from daemon.config import DEFAULT_PATH, merge, read_toml
+from engine import tokens as tk
+from engine.model import CLSM, CLSMConfig, count_parameters
+from training.data import load_windows, random_transpositions
+
+log = logging.getLogger("training.train")
+
+
+def load_train_config(path: str | Path) -> dict:
+    """configs/default.toml's [model] and [train] with the given file laid over them."""
+    base = read_toml(DEFAULT_PATH)
+    cfg = merge(base, read_toml(path)) if Path(path).resolve() != DEFAULT_PATH else base
+    return {"model": cfg["model"], "train": cfg["train"]}
+
+
+def sample_targets(rng: np.random.Generator, batch: int, target_bars: list[int]):
+    """One target length per batch (so the Bi-LSTM sees equal lengths), a start per window."""
+    length = tk.STEPS_PER_BAR * int(rng.choice(target_bars))
+    n_starts = (tk.SEQ_LEN - length) // tk.STEPS_PER_BAR + 1
+    start = tk.STEPS_PER_BAR * rng.integers(0, n_starts, size=batch)
+    return torch.from_numpy(start).long(), length
+
+
+def make_batch(windows: np.ndarray, rng: np.random.Generator, batch: int) -> torch.Tensor:
+    idx = rng.integers(0, len(windows), size=batch)
+    return torch.from_numpy(random_transpositions(windows[idx], rng).astype(np.int64))
+
+
+def bf16_available() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def save_checkpoint(path: Path, model: CLSM, opt: torch.optim.Optimizer, step: int,
+                    config: dict, metrics: dict) -> None:
+    """Atomic: write a temp file, then rename over the old checkpoint."""
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "model_args": model.model_args(), "step": step, "config": config, "metrics": metrics}
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def validate(model: CLSM, valid: np.ndarray, seed: int, n_batches: int, batch: int,
+             target_bars: list[int], autocast: bool) -> dict:
+    """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    parts_sum: dict[str, float] = {}
+    for _ in range(n_batches):
+        idx = rng.integers(0, len(valid), size=batch)
+        x = torch.from_numpy(valid[idx].astype(np.int64))
+        start, length = sample_targets(rng, batch, target_bars)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, parts = model(x, start, length, beta=1.0)
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_batches
+    model.train()
+    return parts_sum
+
+
+def train(args: argparse.Namespace) -> Path:
+    config = load_train_config(args.config)
+    tcfg = config["train"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    torch.set_num_threads(args.threads or tcfg["threads"])
+    torch.manual_seed(tcfg["seed"])
+    rng = np.random.default_rng(tcfg["seed"])
+
+    train_w, valid_w = load_windows(args.data, "train"), load_windows(args.data, "valid")
+    if len(train_w) == 0:
+        raise SystemExit(f"{args.data} has no training windows; run training.prepare first")
+    if len(valid_w) == 0:
+        valid_w = train_w[:256]
+
+    model = CLSM(CLSMConfig.from_dict(config["model"]))
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+    step = 0
+    if args.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model = CLSM.from_checkpoint(ckpt)
+        opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        rng = np.random.default_rng([tcfg["seed"], step])  # fresh but reproducible stream
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    autocast = tcfg["bf16"] and not args.no_bf16 and bf16_available()
+    log.info("CLSM with %d parameters; %d train / %d valid windows; bf16 autocast %s",
+             count_parameters(model), len(train_w), len(valid_w), autocast)
+
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
+    last_ckpt = time.monotonic()
+    metrics: dict = {}
+    seen, t0 = 0, time.monotonic()
+    bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, disable=args.quiet)
+    with (out / "log.jsonl").open("a") as logf:
+        while (args.max_steps is None or step < args.max_steps) and time.monotonic() < deadline:
+            x = make_batch(train_w, rng, tcfg["batch_size"])
+            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
+            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = model(x, start, length, beta=beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(x)
+            rate = seen / (time.monotonic() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.2f}",
+                            acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
+            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
+            if step % tcfg["valid_every"] == 0:
+                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
+                                           tcfg["target_bars"], autocast)
+                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
+                log.info("step %d valid %s", step, record["valid"])
+            logf.write(json.dumps(record) + "\n")
+            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
+                save_checkpoint(ckpt_path, model, opt, step, config, metrics)
+                last_ckpt = time.monotonic()
+    bar.close()
+    metrics.setdefault("windows_per_s", seen / max(1e-9, time.monotonic() - t0))
+    save_checkpoint(ckpt_path, model, opt, step, config, metrics)
+    print(f"step {step}: {seen} windows in {time.monotonic() - t0:.1f} s "
+          f"= {metrics['windows_per_s']:.1f} windows/s; checkpoint {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(DEFAULT_PATH))
+    p.add_argument("--data", required=True, help=".npz written by training.prepare")
+    p.add_argument("--out", required=True, help="run folder (checkpoint ckpt.pt, log.jsonl)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
