@@ -1,0 +1,414 @@
+"""The daemon: ports, clock, scheduler and engine worker in one asyncio TaskGroup, and its CLI.
+
+Data flows one way: MIDI in -> performance (quantizer, buffer) -> engine worker -> scheduler ->
+MIDI out; CCs (and MQTT, via `Daemon.handle`) steer it. The engine never runs on the loop or the
+clock thread. Shutdown (SIGINT/SIGTERM) stops the clock, ends every note and closes the ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import BrokenExecutor
+from typing import Any
+
+from daemon.clock import ClockEvent, ExternalClock, InternalClock, queue_poster
+from daemon.config import Config, ConfigError, load_config
+from daemon.midi_io import MidiBackendError, MidiInput, MidiOutput, Received, accepts
+from daemon.scheduler import Scheduler
+from daemon.worker import Coalescer, EngineLoadError, EngineSpec, EngineWorker, Superseded
+from engine.tokens import STEPS_PER_BAR
+
+log = logging.getLogger("daemon")
+
+ExtraTask = Callable[["Daemon"], Awaitable[None]]
+ENGINE_ACTIONS = ("regenerate", "interpolate", "step", "vary")
+
+
+class Shutdown(Exception):
+    """Raised inside the TaskGroup to end it after the graceful part is done."""
+
+
+class Daemon:
+    """The running state; `handle(command)` and `snapshot()` are the hook for MQTT."""
+
+    def __init__(self, config: Config, worker: Any, out: MidiOutput | Any,
+                 performance: Any, cc_mapper: Any | None) -> None:
+        self.config = config
+        self.worker, self.out, self.performance, self.cc = worker, out, performance, cc_mapper
+        d, m = config["daemon"], config["midi"]
+        self.scheduler = Scheduler(out.send, m["output_channel"], d["velocity"])
+        self.events: asyncio.Queue[ClockEvent] = asyncio.Queue()
+        self.clock = self._make_clock()
+        self.coalescer = Coalescer()
+        self.seed: int | None = None
+        self.temperature: float | None = None
+        self.last_latency_ms: float | None = None
+        self.listeners: list[Callable[[dict], None]] = []  # events (results, errors, state)
+        self.extra_tasks: list[ExtraTask] = []
+        self.stopping = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+
+    def _make_clock(self) -> InternalClock | ExternalClock:
+        c = self.config["clock"]
+        post = queue_poster(asyncio.get_running_loop(), self.events)
+        if c["source"] == "external":
+            return ExternalClock(self.scheduler.fire, post, dropout_s=c["dropout_s"],
+                                 smoothing=c["smoothing"], bpm=c["bpm"])
+        return InternalClock(c["bpm"], self.scheduler.fire, post,
+                             lookahead_s=c["lookahead_ms"] / 1000, spin_s=c["spin_ms"] / 1000,
+                             clock_out=self.out.send if c["send_clock"] else None)
+
+    # ----- events out -------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener must not break the live loop
+                log.exception("event listener failed")
+
+    def snapshot(self) -> dict:
+        snap = dict(self.performance.snapshot())
+        snap.update({
+            "transport": "playing" if self.clock.running else "stopped",
+            "bpm": round(self.clock.bpm, 2), "clock": self.clock.source,
+            "position": round(self.clock.position(), 3),
+            "bar": int(self.clock.position()) // STEPS_PER_BAR % 8 + 1,
+            "engine": dict(self.worker.engine_info), "engine_worker": self.worker.kind,
+            "latency_ms": self.last_latency_ms, "seed": self.seed,
+            "temperature": self.temperature,
+        })
+        return snap
+
+    # ----- the tasks --------------------------------------------------------------------
+    async def run(self, midi_in: MidiInput | Any) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._clock_events(), name="clock-events")
+                tg.create_task(self._midi_in(midi_in), name="midi-in")
+                if isinstance(self.clock, ExternalClock):
+                    tg.create_task(self._clock_watchdog(), name="clock-watchdog")
+                if self.cc is not None:
+                    tg.create_task(self._cc_knobs(), name="cc-knobs")
+                for i, extra in enumerate(self.extra_tasks):
+                    tg.create_task(extra(self), name=f"extra-{i}")
+                tg.create_task(self._shutdown_when_asked(), name="shutdown")
+                if isinstance(self.clock, InternalClock):
+                    self.clock.start(0)
+        except* Shutdown:
+            pass
+        finally:
+            self.all_notes_off("shutdown")
+
+    async def _shutdown_when_asked(self) -> None:
+        await self.stopping.wait()
+        log.info("shutting down: stopping the clock, all notes off")
+        self.all_notes_off("shutdown")
+        raise Shutdown
+
+    def all_notes_off(self, why: str) -> None:
+        self.clock.close() if why == "shutdown" else None
+        self.scheduler.all_notes_off()
+        self.out.panic()
+        log.debug("all notes off (%s)", why)
+
+    async def _clock_events(self) -> None:
+        every = self.config["daemon"]["status_every_bars"] * STEPS_PER_BAR
+        while True:
+            ev = await self.events.get()
+            if ev.kind == "plan":
+                if self.clock.running:
+                    self.scheduler.plan(ev.step, self.performance.output_token(ev.step))
+            elif ev.kind == "step":
+                self.performance.advance(float(ev.step))
+                if ev.step % every == 0:
+                    self._status(ev.step)
+            elif ev.kind == "start":
+                self.scheduler.reset_position()
+                self.performance.relocate(float(ev.step))
+                self.emit({"type": "transport", "value": "start", "step": ev.step})
+            elif ev.kind == "stop":
+                self.all_notes_off("stop")
+                self.performance.stop()
+                self.emit({"type": "transport", "value": "stop", "step": ev.step})
+
+    def _status(self, step: int) -> None:
+        lat = "-" if self.last_latency_ms is None else f"{self.last_latency_ms:.1f} ms"
+        log.info("bar %d | %.1f bpm | %s | last generation %s", step // STEPS_PER_BAR % 8 + 1,
+                 self.clock.bpm, self.snapshot_mode(), lat)
+        self.emit({"type": "state"})
+
+    def snapshot_mode(self) -> str:
+        return str(getattr(self.performance, "mode", self.config["daemon"]["mode"]))
+
+    async def _clock_watchdog(self) -> None:
+        assert isinstance(self.clock, ExternalClock)
+        while True:
+            await asyncio.sleep(0.05)
+            self.clock.check_dropout()
+
+    async def _midi_in(self, port: MidiInput | Any) -> None:
+        m = self.config["midi"]
+        while True:
+            r: Received = await port.receive()
+            msg = r.msg
+            if msg.type in ("clock", "start", "stop", "continue", "songpos"):
+                if isinstance(self.clock, ExternalClock):
+                    self.clock.feed(msg, r.time)
+                continue
+            if msg.type == "control_change" and self.cc is not None:
+                # Buttons come with the knob values still pending, in order (target first).
+                commands = self.cc.feed_all(msg)
+                if commands:
+                    self._spawn(self._handle_all(commands), f"cc-{commands[-1].action}")
+                    continue
+            if msg.type not in ("note_on", "note_off") or not accepts(msg, m["input_channel"]):
+                continue
+            if m["thru"]:
+                self.out.send(msg.copy(channel=self.out.channel))
+            self._note(msg, r.time)
+
+    def _note(self, msg: Any, t: float) -> None:
+        if not self.clock.running:
+            return  # no transport, no position to write at
+        position = self.clock.position(t)
+        try:
+            if msg.type == "note_on" and msg.velocity > 0:
+                self.performance.note_on(msg.note, msg.velocity, position)
+            else:
+                self.performance.note_off(msg.note, position)
+        except ValueError as e:
+            log.warning("ignored %s: %s", msg, e)
+
+    async def _cc_knobs(self) -> None:
+        """Knob CCs coalesce in the mapper; the latest values are acted on a few times a second."""
+        while True:
+            await asyncio.sleep(0.05)
+            commands = self.cc.drain()
+            if commands:
+                await self._handle_all(commands)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        assert self._tg is not None
+        self._tg.create_task(coro, name=name)
+
+    async def _handle_all(self, commands: list[Any]) -> None:
+        for command in commands:
+            result = await self.handle(command)
+            if "error" in result:
+                log.warning("command failed: %s", result["error"])
+            else:
+                log.info("command done: %s", result)
+            self.emit({"type": "result", **result})
+
+    # ----- commands ---------------------------------------------------------------------
+    async def handle(self, command: Any) -> dict:
+        """Run one command (control.Command); a result dict, or {"error": ...}."""
+        action, args = command.action, dict(command.args)
+        base = {"action": action} | ({"id": command.id} if command.id is not None else {})
+        try:
+            if action in ENGINE_ACTIONS:
+                result = await self._generate(action, args)
+            else:
+                result = self._simple(action, args)
+        except Superseded:
+            result = {"superseded": True}
+        except (ValueError, KeyError, TypeError) as e:
+            return base | {"error": f"{action}: {e}"}
+        except Exception as e:  # the engine failed: the show goes on, silently
+            log.exception("engine failure on %s", action)
+            self.all_notes_off("engine failure")
+            await self._revive_worker(e)
+            return base | {"error": f"{action}: engine failure: {e}"}
+        self.emit({"type": "state"})
+        return base | {"ok": True} | result
+
+    def _simple(self, action: str, args: dict) -> dict:
+        p = self.performance
+        if action == "undo":
+            return {"undone": bool(p.undo())}
+        if action == "clear":
+            return {"cleared": p.clear(args.get("first_bar"), args.get("bars"))}
+        if action == "target":
+            p.update_target(args.get("first_bar"), args.get("bars"))
+        elif action == "mode":
+            self.all_notes_off("mode change")
+            p.set_mode(args["value"])
+        elif action == "record":
+            p.set_record(bool(args["value"]))
+        elif action == "tempo":
+            self.clock.set_bpm(float(args["bpm"]))
+        elif action == "transport":
+            if args["value"] == "start":
+                self.clock.start(0)
+            else:
+                self.clock.stop()
+        elif action == "seed":
+            self.seed = int(args["value"])
+        elif action == "temperature":
+            self.temperature = float(args["value"])
+        elif action == "panic":
+            self.all_notes_off("panic")
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        return {}
+
+    async def _generate(self, action: str, args: dict) -> dict:
+        p = self.performance
+
+        def make_request() -> Any:
+            if action == "regenerate":
+                seed = args.get("seed", self.seed)
+                if seed is None:  # a fresh roll each time unless a seed is pinned
+                    seed = time.monotonic_ns() % 1_000_003
+                params = {k: args[k] for k in ("first_bar", "bars") if args.get(k) is not None}
+                return p.make_request("regenerate", seed=seed, temperature=self.temperature,
+                                      **params)
+            if action == "vary":
+                return p.make_request("vary", delta=float(args["delta"]), seed=args.get("seed"))
+            if action == "step":
+                alpha = p.next_alpha(int(args.get("direction", 1)),
+                                     self.config["daemon"]["interp_steps"])
+            else:
+                alpha = float(args["alpha"])
+            return p.make_request("interpolate", alpha=alpha)
+
+        async def job() -> dict:
+            # The snapshot is taken when the job runs, not when it was queued: latest state.
+            request = make_request()
+            t0 = time.perf_counter()
+            gens = await self.worker.run_request(request)
+            self.last_latency_ms = (time.perf_counter() - t0) * 1000
+            p.apply(request, gens)
+            return {"first_bar": request.first_bar, "last_bar": request.last_bar,
+                    "latency_ms": round(self.last_latency_ms, 2)}
+
+        return await self.coalescer.run(job)
+
+    async def _revive_worker(self, error: Exception) -> None:
+        if isinstance(error, BrokenExecutor):  # the child died: start a fresh one
+            with contextlib.suppress(Exception):
+                await self.worker.close()
+            await self.worker.start()
+
+
+# ----- wiring -------------------------------------------------------------------------------
+
+def make_performance(config: Config) -> Any:
+    from daemon.buffer import Performance
+    d, m = config["daemon"], config["midi"]
+    return Performance(mode=d["mode"], polyphony=m["polyphony"], record=d["record"],
+                       target=(1, d["regen_bars"]))
+
+
+def make_cc_mapper(config: Config) -> Any:
+    from daemon.control import CCMapper
+    c = config["control"]
+    return CCMapper(c["channel"], dict(c["cc"]))
+
+
+def engine_spec(config: Config) -> EngineSpec:
+    d, e = config["daemon"], config["engine"]
+    return EngineSpec(kind=d["engine"], model_dir=d["model"], threads=e["threads"],
+                      options={"backend": e["backend"], "device": e["device"]})
+
+
+async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
+                on_ready: Callable[[Daemon], None] | None = None,
+                spec: EngineSpec | None = None) -> None:
+    """Load the engine (fail early), open the ports, run until SIGINT/SIGTERM."""
+    m, d = config["midi"], config["daemon"]
+    if d["engine_worker"] == "thread":
+        # The clock thread must get the GIL back quickly from the engine thread's Python glue.
+        sys.setswitchinterval(0.0005)
+    async with EngineWorker(spec or engine_spec(config), d["engine_worker"]) as worker:
+        performance, cc = make_performance(config), make_cc_mapper(config)
+        async with (MidiInput(m["port_name"], m["api"], m["connect_in"]) as midi_in,
+                    MidiOutput(m["port_name"], m["api"], m["connect_out"],
+                               m["output_channel"]) as out):
+            daemon = Daemon(config, worker, out, performance, cc)
+            daemon.extra_tasks.extend(extra_tasks or [])
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, daemon.stopping.set)
+            if on_ready is not None:
+                on_ready(daemon)
+            log.info("ready: %s clock, %.1f bpm, %s mode, engine %s in a %s worker",
+                     config["clock"]["source"], config["clock"]["bpm"], d["mode"], d["engine"],
+                     d["engine_worker"])
+            try:
+                await daemon.run(midi_in)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_daemon.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="a TOML file laid over configs/default.toml")
+    p.add_argument("--model", help="model directory (default models/clsm-default)")
+    p.add_argument("--midi-api", choices=["auto", "alsa", "jack", "coremidi"])
+    p.add_argument("--port-name", help="virtual ports <name>-in / <name>-out (default clsm)")
+    p.add_argument("--connect-in", help="read an existing MIDI port (by name) instead")
+    p.add_argument("--connect-out", help="write an existing MIDI port (by name) instead")
+    p.add_argument("--bpm", type=float)
+    p.add_argument("--clock", choices=["internal", "external"])
+    p.add_argument("--mode", choices=["loop", "follow"])
+    p.add_argument("--engine", choices=["real", "fake"])
+    p.add_argument("--engine-worker", choices=["thread", "process"])
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    with contextlib.suppress(ImportError):
+        from daemon import mqtt
+        mqtt.add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, {
+        "daemon.model": args.model, "midi.api": args.midi_api, "midi.port_name": args.port_name,
+        "midi.connect_in": args.connect_in, "midi.connect_out": args.connect_out,
+        "clock.bpm": args.bpm, "clock.source": args.clock, "daemon.mode": args.mode,
+        "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
+    })
+
+
+def mqtt_tasks(config: Config, args: argparse.Namespace) -> list[ExtraTask]:
+    """The MQTT bridge as an extra task, when enabled."""
+    try:
+        from daemon.mqtt import MqttBridge, MqttSettings
+    except ImportError:
+        return []
+    settings = MqttSettings.from_config(config["mqtt"], args)
+    if not settings.enabled:
+        return []
+
+    async def bridge(daemon: Daemon) -> None:
+        b = MqttBridge(settings, daemon)
+        daemon.listeners.append(
+            lambda ev: b.notify_state_changed() if ev.get("type") == "state" else
+            b.publish_event(ev))
+        await b.run()
+    return [bridge]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config, mqtt_tasks(config, args)))
+    except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
+        print(f"clsm daemon: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

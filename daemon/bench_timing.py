@@ -1,0 +1,222 @@
+"""Output timing through a real JACK server while the engine generates every bar.
+
+`python -m daemon.bench_timing --json [--seconds 20]` starts a private JACK server (dummy
+backend), runs the daemon in a child process for each engine worker (thread, process) with a
+fake engine that burns CPU on every call (or the real engine: `--engine real`), asks for a
+4-bar regeneration every bar, records the co-performer's note-ons with a separate JACK client
+and prints, per worker, the onset error against the ideal grid (p50 / p99 / max, ms):
+- `send_ms`: the daemon's send time - the step's ideal time (the daemon's own timing),
+- `arrival_ms`: arrival at the other client - ideal time (includes JACK's period latency),
+- `jitter_ms`: |arrival - ideal - median(arrival - ideal)| (what a listener hears as timing
+  wobble; JACK delivers MIDI per period, so up to one period of it is the server's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench_timing")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    a = np.asarray(values)
+    return {"n": len(values), "p50": round(float(np.percentile(a, 50)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3), "max": round(float(a.max()), 3)}
+
+
+# ----- child: the daemon, instrumented ------------------------------------------------------
+
+async def _child(args: argparse.Namespace) -> None:
+    from daemon.app import Daemon, engine_spec, serve
+    from daemon.config import load_config
+    from daemon.worker import EngineSpec
+
+    config = load_config(None, {"midi.api": "jack", "midi.port_name": args.port_name,
+                                "clock.bpm": args.bpm, "daemon.engine": args.engine,
+                                "daemon.engine_worker": args.worker,
+                                "daemon.model": args.model, "daemon.status_every_bars": 4})
+    spec = engine_spec(config)
+    spec = EngineSpec(spec.kind, spec.model_dir, spec.threads, spec.options,
+                      busy_ms=args.busy_ms, busy_kind=args.load)
+    sent: list[tuple[float, float, int]] = []  # (ideal, sent, pitch) per note-on
+    ideal = [0.0]
+
+    def instrument(daemon: Daemon) -> None:
+        clock, sched = daemon.clock, daemon.scheduler
+        fire, send = clock._fire, sched._send
+
+        def timed_fire(step: int) -> None:  # the timing thread: keep it cheap
+            ideal[0] = clock.ideal_time(step)
+            fire(step)
+
+        def timed_send(msg: Any) -> None:
+            send(msg)
+            if msg.type == "note_on" and msg.velocity > 0:
+                sent.append((ideal[0], time.monotonic(), msg.note))
+
+        clock._fire, sched._send = timed_fire, timed_send
+
+    async def regenerate_every_bar(daemon: Daemon) -> None:
+        bar_s = 60.0 / args.bpm * 4
+        for i in range(int(args.seconds / bar_s)):
+            command = SimpleNamespace(action="regenerate", id=None, source="bench",
+                                      args={"first_bar": 1 + 4 * (i % 2), "bars": 4})
+            result = await daemon.handle(command)
+            if "error" in result:
+                log.warning("%s", result)
+            await asyncio.sleep(bar_s)
+        daemon.stopping.set()
+
+    await serve(config, [regenerate_every_bar], on_ready=instrument, spec=spec)
+    Path(args.out).write_text(json.dumps(sent))
+
+
+# ----- parent: JACK server, recorder, figures ----------------------------------------------
+
+def _start_jack(period: int) -> tuple[str, subprocess.Popen]:
+    jackd = shutil.which("jackd")
+    if jackd is None:
+        raise SystemExit("jackd not found: apt-get install --no-install-recommends jackd2")
+    name = f"clsm-bench-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1")
+    proc = subprocess.Popen([jackd, "-n", name, "-d", "dummy", "-r", "48000", "-p", str(period)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    for _ in range(100):
+        if subprocess.run(["jack_lsp"], capture_output=True).returncode == 0:
+            return name, proc
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("jackd did not start")
+
+
+class _Recorder:
+    def __init__(self, name: str) -> None:
+        import rtmidi
+        self.arrivals: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        self._in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=name)
+        self._in.open_virtual_port("in")
+        self._in.set_callback(self._on)
+
+    def _on(self, event: tuple[list[int], float], _data: object) -> None:
+        t = time.monotonic()
+        data = event[0]
+        if len(data) == 3 and data[0] & 0xF0 == 0x90 and data[2] > 0:
+            with self._lock:
+                self.arrivals.append((t, data[1]))
+
+    def close(self) -> None:
+        self._in.cancel_callback()
+        self._in.close_port()
+        self._in.delete()
+
+
+def _connect(src_suffix: str, dst: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ports = subprocess.run(["jack_lsp"], capture_output=True, text=True).stdout.split()
+        hits = [p for p in ports if p.endswith(src_suffix)]
+        if hits:
+            subprocess.run(["jack_connect", hits[0], dst], check=True)
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"daemon port *{src_suffix} never appeared")
+
+
+def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
+    port = f"bench{uuid.uuid4().hex[:4]}"
+    rec = _Recorder(f"{port}-rec")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sent.json"
+        cmd = [sys.executable, "-m", "daemon.bench_timing", "--child", "--worker", worker,
+               "--port-name", port, "--out", str(out), "--seconds", str(args.seconds),
+               "--bpm", str(args.bpm), "--busy-ms", str(args.busy_ms), "--load", args.load,
+               "--engine", args.engine, "--model", args.model]
+        child = subprocess.Popen(cmd)
+        try:
+            _connect(f"{port}-out", f"{port}-rec:in")
+            rc = child.wait(args.seconds + 120)
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                child.wait(10)
+        time.sleep(0.1)
+        rec.close()
+        if rc != 0 or not out.exists():
+            raise SystemExit(f"daemon child ({worker}) failed with exit code {rc}")
+        sent = json.loads(out.read_text())
+    arrivals = rec.arrivals
+    # Both lists are in send order and JACK MIDI loses nothing: pair them one to one,
+    # checking the pitches agree (the recorder connected after the first few steps).
+    offset = len(sent) - len(arrivals)
+    pairs = [(s, a) for s, a in zip(sent[max(offset, 0):], arrivals, strict=False) if s[2] == a[1]]
+    send_err = [(s[1] - s[0]) * 1000 for s, _ in pairs]
+    arr_err = [(a[0] - s[0]) * 1000 for s, a in pairs]
+    med = float(np.median(arr_err)) if arr_err else 0.0
+    return {"worker": worker, "notes": len(pairs), "unmatched": len(arrivals) - len(pairs),
+            "send_ms": _stats(send_err), "arrival_ms": _stats(arr_err),
+            "jitter_ms": _stats([abs(e - med) for e in arr_err])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--bpm", type=float, default=120.0)
+    p.add_argument("--period", type=int, default=128, help="JACK period (frames at 48 kHz)")
+    p.add_argument("--workers", default="thread,process")
+    p.add_argument("--engine", choices=["fake", "real"], default="fake")
+    p.add_argument("--model", default="models/clsm-default")
+    p.add_argument("--busy-ms", type=float, default=40.0, help="CPU burnt per engine call")
+    p.add_argument("--load", choices=["python", "torch"], default="python",
+                   help="python holds the GIL while burning; torch releases it in ops")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--port-name", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.child else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.child:
+        asyncio.run(_child(args))
+        return 0
+    name, jack = _start_jack(args.period)
+    try:
+        results = [run_one(args, w) for w in args.workers.split(",")]
+    finally:
+        jack.terminate()
+        jack.wait(10)
+    report = {"jack": {"server": name, "period_frames": args.period, "rate": 48000,
+                       "period_ms": round(args.period / 48.0, 3)},
+              "bpm": args.bpm, "seconds": args.seconds, "engine": args.engine,
+              "load": {"busy_ms": args.busy_ms, "kind": args.load}, "results": results}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for r in results:
+            print(f"{r['worker']:8s} notes={r['notes']:4d} send {r['send_ms']} "
+                  f"arrival {r['arrival_ms']} jitter {r['jitter_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

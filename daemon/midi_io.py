@@ -1,0 +1,232 @@
+"""MIDI ports over python-rtmidi: virtual `<port_name>-in` / `<port_name>-out`, or existing ports.
+
+rtmidi calls its input callback on a foreign thread, so the callback only hands the raw bytes
+and their arrival time to the asyncio loop; parsing, filtering and logging happen there.
+Output ports are sent to from the clock thread and the loop, hence a lock; they remember which
+notes are on so `panic()` can end each one (some synths ignore CC 123).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+import mido
+import rtmidi
+
+log = logging.getLogger(__name__)
+
+_APIS = {"alsa": rtmidi.API_LINUX_ALSA, "jack": rtmidi.API_UNIX_JACK,
+         "coremidi": rtmidi.API_MACOSX_CORE}
+
+CHANNEL_TYPES = frozenset({"note_on", "note_off", "control_change", "polytouch",
+                           "aftertouch", "pitchwheel", "program_change"})
+REALTIME_TYPES = frozenset({"clock", "start", "stop", "continue", "songpos"})
+
+
+class MidiBackendError(RuntimeError):
+    """The MIDI API is missing or a port cannot be opened; the message says what to do."""
+
+
+def resolve_api(name: str) -> tuple[str, int]:
+    """`auto` -> alsa on Linux, coremidi on macOS; checks the API is compiled into rtmidi."""
+    if name == "auto":
+        name = "coremidi" if sys.platform == "darwin" else "alsa"
+    if name not in _APIS:
+        raise MidiBackendError(f"unknown MIDI API {name!r}; use one of {', '.join(_APIS)}")
+    api = _APIS[name]
+    if api not in rtmidi.get_compiled_api():
+        have = [n for n, a in _APIS.items() if a in rtmidi.get_compiled_api()]
+        raise MidiBackendError(f"python-rtmidi was built without {name}; available: {have}")
+    return name, api
+
+
+def _backend_hint(api_name: str, err: Exception) -> MidiBackendError:
+    if api_name == "alsa":
+        hint = ("no ALSA sequencer here (/dev/snd/seq); start JACK and run with --midi-api jack, "
+                "or load the snd-seq kernel module")
+    elif api_name == "jack":
+        hint = ("no JACK server is running; start one (e.g. `jackd -d dummy`) or set "
+                "JACK_DEFAULT_SERVER to its name, or use --midi-api alsa")
+    else:
+        hint = "check the MIDI system of this machine"
+    return MidiBackendError(f"cannot open the {api_name} MIDI backend ({err}): {hint}")
+
+
+def _find_port(available: list[str], wanted: str) -> int:
+    """Exact name first, then a unique substring (ALSA appends client:port numbers)."""
+    if wanted in available:
+        return available.index(wanted)
+    hits = [i for i, name in enumerate(available) if wanted in name]
+    if len(hits) == 1:
+        return hits[0]
+    what = "matches several" if hits else "matches none"
+    raise MidiBackendError(f"port {wanted!r} {what} of the available ports: {available}")
+
+
+def _open(rt: rtmidi.MidiIn | rtmidi.MidiOut, name: str, connect: str) -> str:
+    try:
+        if connect:
+            idx = _find_port(rt.get_ports(), connect)
+            rt.open_port(idx, name)
+            return rt.get_port_name(idx) or connect
+        rt.open_virtual_port(name)
+        return name
+    except rtmidi.RtMidiError as e:
+        raise MidiBackendError(f"cannot open MIDI port {connect or name!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Received:
+    msg: mido.Message
+    time: float  # time.monotonic() at arrival, on the rtmidi thread
+
+
+class MidiInput:
+    """`async with MidiInput(...) as port`: then `await port.receive()` -> Received."""
+
+    def __init__(self, port_name: str, api: str = "auto", connect: str = "",
+                 maxsize: int = 4096) -> None:
+        self.api_name, self._api = resolve_api(api)
+        self.name = f"{port_name}-in"
+        self._connect = connect
+        self._rt: rtmidi.MidiIn | None = None
+        self._queue: asyncio.Queue[tuple[list[int], float]] = asyncio.Queue(maxsize)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.dropped = 0
+
+    def _callback(self, event: tuple[list[int], float], _data: object) -> None:
+        # Foreign thread: hand over and return; nothing else may happen here.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._put, (event[0], time.monotonic()))
+
+    def _put(self, item: tuple[list[int], float]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1  # a flood must not grow memory without bound
+
+    def open(self) -> MidiInput:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._rt = rtmidi.MidiIn(self._api, name=self.name)
+        except rtmidi.RtMidiError as e:
+            raise _backend_hint(self.api_name, e) from e
+        self.port = _open(self._rt, self.name, self._connect)
+        # SysEx is let in only to be logged and dropped; clock must not be ignored (trap 3).
+        self._rt.ignore_types(sysex=False, timing=False, active_sense=True)
+        self._rt.set_callback(self._callback)
+        log.info("MIDI in: %s (%s)", self.port, self.api_name)
+        return self
+
+    def close(self) -> None:
+        if self._rt is None:
+            return
+        # No callback may run into a closed port (trap 2); deleting frees a virtual port.
+        self._rt.cancel_callback()
+        self._rt.close_port()
+        self._rt.delete()
+        self._rt = None
+
+    async def __aenter__(self) -> MidiInput:
+        return self.open()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()
+
+    async def receive(self) -> Received:
+        """The next parsed message; SysEx and unparsable bytes are logged and skipped."""
+        while True:
+            data, t = await self._queue.get()
+            msg = parse(data)
+            if msg is not None:
+                return Received(msg, t)
+
+
+def parse(data: list[int]) -> mido.Message | None:
+    try:
+        msg = mido.Message.from_bytes(data)
+    except (ValueError, TypeError) as e:
+        log.warning("ignored unparsable MIDI bytes %s: %s", bytes(data[:16]).hex(" "), e)
+        return None
+    if msg.type == "sysex":
+        log.info("ignored SysEx (%d bytes)", len(data))
+        return None
+    if msg.type not in CHANNEL_TYPES and msg.type not in REALTIME_TYPES:
+        log.debug("ignored MIDI %s", msg.type)
+        return None
+    return msg
+
+
+def accepts(msg: mido.Message, input_channel: int) -> bool:
+    """Input channel filter for notes (0 = omni); channels here are 1-based like the config."""
+    return input_channel == 0 or msg.channel == input_channel - 1
+
+
+class MidiOutput:
+    """`async with MidiOutput(...) as port`: `send(msg)` from any thread; `panic()` on the way out."""
+
+    def __init__(self, port_name: str, api: str = "auto", connect: str = "",
+                 channel: int = 1) -> None:
+        self.api_name, self._api = resolve_api(api)
+        self.name = f"{port_name}-out"
+        self._connect = connect
+        self.channel = channel - 1  # mido channels are 0-based
+        self._rt: rtmidi.MidiOut | None = None
+        self._lock = threading.Lock()
+        self._on: set[tuple[int, int]] = set()  # (channel, pitch) sounding
+        self.flush_s = 0.05
+
+    def open(self) -> MidiOutput:
+        try:
+            self._rt = rtmidi.MidiOut(self._api, name=self.name)
+        except rtmidi.RtMidiError as e:
+            raise _backend_hint(self.api_name, e) from e
+        self.port = _open(self._rt, self.name, self._connect)
+        log.info("MIDI out: %s (%s)", self.port, self.api_name)
+        return self
+
+    def send(self, msg: mido.Message) -> None:
+        with self._lock:
+            if self._rt is None:
+                return
+            if msg.type == "note_on" and msg.velocity > 0:
+                self._on.add((msg.channel, msg.note))
+            elif msg.type in ("note_on", "note_off"):
+                self._on.discard((msg.channel, msg.note))
+            self._rt.send_message(msg.bytes())
+
+    def sounding(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return set(self._on)
+
+    def panic(self) -> None:
+        """A note-off for every note this port started, then All Notes Off on the channel."""
+        for ch, pitch in sorted(self.sounding()):
+            self.send(mido.Message("note_off", channel=ch, note=pitch, velocity=0))
+        self.send(mido.Message("control_change", channel=self.channel, control=123, value=0))
+
+    def close(self) -> None:
+        if self._rt is None:
+            return
+        self.panic()
+        # rtmidi's JACK backend hands messages to the server's next cycle through a ring
+        # buffer; closing at once would lose the note-offs just sent.
+        time.sleep(self.flush_s)
+        with self._lock:
+            self._rt.close_port()
+            self._rt.delete()
+            self._rt = None
+
+    async def __aenter__(self) -> MidiOutput:
+        return self.open()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,123 @@
+"""Output scheduler: tokens -> note-on / note-off, decided ahead, sent at the step's ideal time.
+
+The loop `plan`s step k shortly before it sounds (it reads the musical state there, on its own
+thread); the clock `fire`s step k at its ideal time, which only sends the prepared messages.
+The sounding note changes only when a plan is fired, so a plan that misses its step (the loop
+was late) is dropped whole: past steps are never played late, and the next plan still ends
+the note that is really sounding - nothing hangs, nothing doubles.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mido
+
+from engine.tokens import HOLD, is_pitch, token_to_pitch
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[mido.Message], None]
+
+
+@dataclass(frozen=True)
+class Sounding:
+    pitch: int
+    version: int  # content_version of the content that started the note
+
+
+@dataclass(frozen=True)
+class Plan:
+    step: int
+    output: tuple[int, int] | None  # (token, content_version) it was decided from
+    base: Sounding | None  # the sounding note it was decided on
+    messages: tuple[mido.Message, ...]
+    after: Sounding | None  # the sounding note once these messages are sent
+
+
+class Scheduler:
+    def __init__(self, send: Send, channel: int = 1, velocity: int = 96) -> None:
+        self._send = send
+        self.channel = channel - 1  # mido channels are 0-based
+        self.velocity = velocity
+        self._lock = threading.Lock()
+        self._sounding: Sounding | None = None
+        self._plans: dict[int, Plan] = {}
+        self._last_fired: int | None = None
+        self.dropped_plans = 0  # plans that came after their step had passed
+        self.fired_steps = 0
+
+    @property
+    def sounding(self) -> Sounding | None:
+        return self._sounding
+
+    def _off(self, s: Sounding) -> mido.Message:
+        return mido.Message("note_off", channel=self.channel, note=s.pitch, velocity=0)
+
+    def plan(self, step: int, output: tuple[int, int] | None) -> Plan | None:
+        """Decide step `step` from `performance.output_token(step)`; None if it is too late.
+
+        Plans build on the note that sounds after the last *fired* step, so call this for
+        steps in order (the clock's plan events come in order).
+        """
+        with self._lock:
+            if self._last_fired is not None and step <= self._last_fired:
+                self.dropped_plans += 1
+                log.debug("plan for step %d came after it sounded; dropped", step)
+                return None
+            # A plan made for the previous step but not fired yet is the base of this one.
+            prev = self._plans.get(step - 1)
+            current = prev.after if prev is not None else self._sounding
+            plan = self._decide(step, output, current)
+            self._plans[step] = plan
+            return plan
+
+    def _decide(self, step: int, output: tuple[int, int] | None, current: Sounding | None) -> Plan:
+        token, version = output if output is not None else (None, -1)
+        if token == HOLD and current is not None and current.version == version:
+            return Plan(step, output, current, (), current)  # the note goes on
+        msgs: list[mido.Message] = []
+        if current is not None:
+            msgs.append(self._off(current))  # end it before new content starts
+        after = None
+        if token is not None and is_pitch(token):
+            after = Sounding(token_to_pitch(token), version)
+            msgs.append(mido.Message("note_on", channel=self.channel, note=after.pitch,
+                                     velocity=self.velocity))
+        return Plan(step, output, current, tuple(msgs), after)
+
+    def fire(self, step: int) -> int:
+        """Timing path: send step's planned messages now. Returns how many were sent."""
+        with self._lock:
+            self._last_fired = step
+            plan = self._plans.pop(step, None)
+            # Plans for earlier steps that never fired are void.
+            for old in [s for s in self._plans if s < step]:
+                del self._plans[old]
+            if plan is None:
+                return 0
+            if plan.base != self._sounding:
+                # Decided on a plan that never fired: decide again on what really sounds.
+                plan = self._decide(step, plan.output, self._sounding)
+            for msg in plan.messages:
+                self._send(msg)
+            self._sounding = plan.after
+            self.fired_steps += 1
+            return len(plan.messages)
+
+    def all_notes_off(self) -> None:
+        """End the sounding note and forget every plan (stop, mode change, panic, failure)."""
+        with self._lock:
+            self._plans.clear()
+            if self._sounding is not None:
+                self._send(self._off(self._sounding))
+            self._sounding = None
+
+    def reset_position(self) -> None:
+        """After a transport jump (start, SPP): steps may repeat, so forget the last fired one."""
+        with self._lock:
+            self._plans.clear()
+            self._last_fired = None

@@ -1,0 +1,102 @@
+"""MIDI ports through a real JACK server (marker `jack`), and backend errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+
+import mido
+import pytest
+
+from daemon.midi_io import MidiBackendError, MidiInput, MidiOutput, accepts, parse, resolve_api
+from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
+
+
+def test_parse_drops_sysex_and_garbage(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.midi_io")
+    assert parse([0xF0, 0x7E, 0x01, 0xF7]) is None
+    assert parse([0x90, 200, 1]) is None
+    assert "SysEx" in caplog.text and "unparsable" in caplog.text
+    assert parse([0x90, 60, 100]) == mido.Message("note_on", note=60, velocity=100)
+    assert parse([0xF8]).type == "clock"
+
+
+def test_channel_filter() -> None:
+    msg = mido.Message("note_on", channel=2, note=60)
+    assert accepts(msg, 0) and accepts(msg, 3) and not accepts(msg, 1)
+
+
+def test_unknown_api_is_a_clear_error() -> None:
+    with pytest.raises(MidiBackendError, match="unknown MIDI API"):
+        resolve_api("winmm")
+
+
+def test_missing_alsa_sequencer_suggests_jack() -> None:
+    if os.path.exists("/dev/snd/seq"):
+        pytest.skip("this machine has an ALSA sequencer")
+
+    async def open_it() -> None:
+        async with MidiInput("clsm", "alsa"):
+            pass
+
+    with pytest.raises(MidiBackendError, match="--midi-api jack"):
+        asyncio.run(open_it())
+
+
+def test_no_jack_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JACK_DEFAULT_SERVER", f"absent-{uuid.uuid4().hex[:6]}")
+    monkeypatch.setenv("JACK_NO_START_SERVER", "1")
+
+    async def open_it() -> None:
+        async with MidiOutput("clsm", "jack"):
+            pass
+
+    with pytest.raises(MidiBackendError, match="no JACK server"):
+        asyncio.run(open_it())
+
+
+@pytest.mark.jack
+async def test_virtual_ports_receive_send_and_panic(jack_server) -> None:  # noqa: F811
+    name = f"io{uuid.uuid4().hex[:4]}"
+    rec = Recorder(f"{name}peer")
+    try:
+        async with MidiInput(name, "jack") as inp, MidiOutput(name, "jack", channel=5) as out:
+            await asyncio.to_thread(rec.connect, name)
+            rec.send(mido.Message("sysex", data=[1, 2, 3]))  # logged and skipped
+            rec.send(mido.Message("clock"))  # timing must not be filtered out
+            rec.send(mido.Message("note_on", channel=1, note=64, velocity=80))
+            first = await asyncio.wait_for(inp.receive(), 5)
+            second = await asyncio.wait_for(inp.receive(), 5)
+            assert first.msg.type == "clock"
+            assert second.msg == mido.Message("note_on", channel=1, note=64, velocity=80)
+            assert second.time >= first.time
+
+            out.send(mido.Message("note_on", channel=4, note=70, velocity=100))
+            out.send(mido.Message("note_on", channel=4, note=72, velocity=100))
+            out.send(mido.Message("note_off", channel=4, note=70))
+            assert out.sounding() == {(4, 72)}
+            out.send(mido.Message("note_on", channel=4, note=74, velocity=100))
+        # Closing the output port panics: every note it started is ended.
+        assert rec.wait_for(lambda ms: any(m.type == "control_change" for _, m in ms))
+        notes = rec.messages("note_on", "note_off", "control_change")
+        assert sounding_after(notes) == set()
+        offs = {m.note for _, m in notes if m.type == "note_off"}
+        assert offs >= {70, 72, 74}
+    finally:
+        rec.close()
+
+
+@pytest.mark.jack
+async def test_connect_to_an_existing_port_by_name(jack_server) -> None:  # noqa: F811
+    rec = Recorder(f"peer{uuid.uuid4().hex[:4]}")
+    try:
+        async with MidiOutput("conn", "jack", connect=f"{rec.name}-rec:in") as out:
+            out.send(mido.Message("note_on", note=61, velocity=1))
+            assert rec.wait_for(lambda ms: any(m.type == "note_on" for _, m in ms))
+        with pytest.raises(MidiBackendError, match="matches none"):
+            async with MidiInput("conn", "jack", connect="no-such-port"):
+                pass
+    finally:
+        rec.close()

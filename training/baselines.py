@@ -1,0 +1,305 @@
+"""Baselines for the paper's evaluation (Akama, ISMIR 2021, Sec. 4): a Bi-LSTM/LSTM VAE that sees
+the left context only, and the 2-layer transformer LM that scores generated melodies.
+
+    python -m training.baselines --kind vae|lm --data cache/windows.npz --out runs/NAME
+        [--minutes M] [--max-steps N] [--threads 1]
+
+VAE baseline (what is implemented; the paper's eqs. 9-11 as remembered, sizes as the CLSM's):
+  encoder  q(z | xT)          embed xT -> 2-layer Bi-LSTM (256 per direction) -> [h_l; h_r]
+                              -> two SELU MLPs -> mean, log-variance (as the CLSM's trunk head)
+  prior    p(z) = N(0, I)
+  decoder  p(xT | z, xCL)     (h0, c0) = tanh(Linear(z)) for each of 2 LSTM layers; the LSTM runs
+                              over [s, xCL, xT] (teacher forced) and Softmax(Linear(h_t)) predicts
+                              the next token; only target tokens are scored. The right context is
+                              never seen: the baseline cannot use it (the paper's point).
+  loss     (1/|xT|) Lrec + gamma * KL(q || N(0, I)), gamma annealed linearly from 0 with the
+           CLSM's [train] beta_kl / beta_anneal_steps, so both models get the same schedule.
+  interpolation: linear in z.
+LM: causal 2-layer transformer (the CLSM's sizes: d 128, ff 256, 8 heads, learned positions) over
+[s, x_0..x_126] predicting x_0..x_127 (32 musical symbols), trained on lm_train, valid on lm_valid.
+
+Checkpoints use training/train.py's dict {model, optimizer, model_args, step, config, metrics};
+the model kind ("vae" | "lm") is in model_args["kind"] and config["kind"] (train.py's
+save_checkpoint has no extra key; see `checkpoint_kind`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from daemon.config import DEFAULT_PATH
+from engine import tokens as tk
+from engine.model import count_parameters, gather_span, mlp
+from training.data import load_windows
+from training.train import load_checkpoint, load_train_config, make_batch, sample_targets, save_checkpoint
+
+log = logging.getLogger("training.baselines")
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+@dataclass
+class VAEConfig:
+    n_in: int = tk.N_SYMBOLS + 1  # 32 musical symbols + the start symbol `s`
+    n_out: int = tk.N_SYMBOLS  # predicts musical symbols only
+    d_embed: int = 128  # token embedding size (the CLSM's d_model)
+    d_lstm: int = 256  # Bi-LSTM per direction, and the decoder LSTM
+    n_lstm_layers: int = 2
+    d_mlp: int = 512  # mean / log-variance MLPs
+    d_z: int = 128
+    dropout: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class LSTMVAE(nn.Module):
+    kind = "vae"
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.n_in, cfg.d_embed)
+        self.enc = nn.LSTM(cfg.d_embed, cfg.d_lstm, cfg.n_lstm_layers, batch_first=True,
+                           bidirectional=True, dropout=cfg.dropout)
+        self.mean = mlp(2 * cfg.d_lstm, cfg.d_mlp, cfg.d_z)
+        self.logvar = mlp(2 * cfg.d_lstm, cfg.d_mlp, cfg.d_z)
+        self.init_state = nn.Linear(cfg.d_z, 2 * cfg.n_lstm_layers * cfg.d_lstm)  # z -> (h0, c0)
+        self.dec = nn.LSTM(cfg.d_embed, cfg.d_lstm, cfg.n_lstm_layers, batch_first=True,
+                           dropout=cfg.dropout)
+        self.head = nn.Linear(cfg.d_lstm, cfg.n_out)
+
+    def encoder(self, x: torch.Tensor, start: torch.Tensor, length: int):
+        """q(z | xT): mean, logvar (B, dz). Same call as the CLSM's encoder (context unused)."""
+        e = gather_span(self.embed(x), start, length)  # (B, T, d)
+        _, (h_n, _) = self.enc(e)
+        h_lr = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2*d_lstm)
+        return self.mean(h_lr), self.logvar(h_lr)
+
+    def state(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        L, d = self.cfg.n_lstm_layers, self.cfg.d_lstm
+        hc = torch.tanh(self.init_state(z)).view(z.size(0), 2, L, d).permute(1, 2, 0, 3)
+        return hc[0].contiguous(), hc[1].contiguous()  # 2 x (L, B, d)
+
+    def logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced over y = [s, x_0..x_126]: (B, 128, n_out), position t predicts x_t.
+        The LSTM is causal, so running it past the target changes nothing before it."""
+        y = torch.cat([torch.full_like(x[:, :1], tk.START), x[:, :-1]], dim=1)
+        h, _ = self.dec(self.embed(y), self.state(z))
+        return self.head(h)
+
+    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0):
+        mean, logvar = self.encoder(x, start, length)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        kl = (0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
+        logits = gather_span(self.logits(x, z), start, length)  # (B, T, n_out)
+        target = gather_span(x[:, :, None], start, length)[..., 0]
+        rec = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+        acc = (logits.argmax(-1) == target).float().mean()
+        return rec + beta * kl, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """Argmax xT given z and the left context x[:, :start]: (B, length)."""
+        y = torch.cat([torch.full_like(x[:, :1], tk.START), x[:, :start]], dim=1)
+        h, state = self.dec(self.embed(y), self.state(z))
+        out = []
+        for _ in range(length):
+            token = self.head(h[:, -1]).argmax(-1)
+            out.append(token)
+            h, state = self.dec(self.embed(token)[:, None], state)
+        return torch.stack(out, dim=1)
+
+    def model_args(self) -> dict:
+        return {**asdict(self.cfg), "kind": self.kind}
+
+
+# ----------------------------------------------------------------------------- LM
+
+
+@dataclass
+class LMConfig:
+    n_in: int = tk.N_SYMBOLS + 1  # 32 musical symbols + `s`
+    n_out: int = tk.N_SYMBOLS
+    seq_len: int = tk.SEQ_LEN
+    d_model: int = 128
+    d_ff: int = 256
+    n_heads: int = 8
+    n_layers: int = 2
+    dropout: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LMConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class TransformerLM(nn.Module):
+    kind = "lm"
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.n_in, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_out)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L) -> (B, L, n_out); position t predicts x_t from x_0..x_{t-1}."""
+        L = x.size(1)
+        y = torch.cat([torch.full_like(x[:, :1], tk.START), x[:, :-1]], dim=1)
+        mask = nn.Transformer.generate_square_subsequent_mask(L, device=x.device)
+        h = self.layers(self.embed(y) + self.pos.weight[:L], mask=mask, is_causal=True)
+        return self.head(self.ln(h))
+
+    def token_nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of every token, nats: (B, L)."""
+        logits = self.logits(x)
+        return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None, length: int = 0,
+                beta: float = 0.0):
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x.reshape(-1))
+        acc = (logits.argmax(-1) == x).float().mean()
+        return loss, {"rec": loss.item(), "acc": acc.item()}
+
+    def model_args(self) -> dict:
+        return {**asdict(self.cfg), "kind": self.kind}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_kind(ckpt: dict) -> str:
+    """"clsm" (training/train.py's checkpoints), "vae" or "lm"."""
+    return ckpt.get("kind") or ckpt.get("model_args", {}).get("kind") or "clsm"
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, str]:
+    """Any checkpoint of this project (CLSM, VAE, LM) -> (model in eval mode, kind)."""
+    from engine.model import CLSM  # the CLSM is the usual case; imported here for symmetry
+
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind == "vae":
+        model: nn.Module = LSTMVAE(VAEConfig.from_dict(ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    elif kind == "lm":
+        model = TransformerLM(LMConfig.from_dict(ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = CLSM.from_checkpoint(ckpt)
+    return model.eval(), kind
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def validate(model: nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
+             target_bars: list[int]) -> dict:
+    """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    sums: dict[str, float] = {}
+    for _ in range(n_batches):
+        x = torch.from_numpy(valid[rng.integers(0, len(valid), size=batch)].astype(np.int64))
+        start, length = sample_targets(rng, batch, target_bars)
+        _, parts = model(x, start, length, beta=1.0)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v / n_batches
+    model.train()
+    return sums
+
+
+def train(args: argparse.Namespace) -> Path:
+    config = {"kind": args.kind, **load_train_config(args.config)}
+    tcfg = config["train"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(tcfg["seed"])
+    rng = np.random.default_rng(tcfg["seed"])
+    splits = ("train", "valid") if args.kind == "vae" else ("lm_train", "lm_valid")
+    train_w, valid_w = (load_windows(args.data, s) for s in splits)
+    if len(train_w) == 0:
+        raise SystemExit(f"{args.data} has no {splits[0]} windows; run training.prepare first")
+    if len(valid_w) == 0:
+        valid_w = train_w[:256]
+    model: nn.Module = LSTMVAE(VAEConfig()) if args.kind == "vae" else TransformerLM(LMConfig())
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+    log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
+             len(train_w), splits[0], len(valid_w), splits[1])
+
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
+    last_ckpt = time.monotonic()
+    step, seen, t0, metrics = 0, 0, time.monotonic(), {}
+    bar = tqdm(total=args.max_steps, dynamic_ncols=True, disable=args.quiet)
+    with (out / "log.jsonl").open("a") as logf:
+        while (args.max_steps is None or step < args.max_steps) and time.monotonic() < deadline:
+            x = make_batch(train_w, rng, tcfg["batch_size"])
+            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
+            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
+            loss, parts = model(x, start, length, beta=beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(x)
+            rate = seen / (time.monotonic() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
+            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
+            if step % tcfg["valid_every"] == 0:
+                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
+                                           tcfg["target_bars"])
+                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
+                log.info("step %d valid %s", step, record["valid"])
+            logf.write(json.dumps(record) + "\n")
+            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
+                save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
+                last_ckpt = time.monotonic()
+    bar.close()
+    metrics["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"], tcfg["target_bars"])
+    metrics.setdefault("windows_per_s", seen / max(1e-9, time.monotonic() - t0))
+    save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
+    print(f"{args.kind} step {step}: {seen} windows in {time.monotonic() - t0:.1f} s "
+          f"= {metrics['windows_per_s']:.1f} windows/s; valid {metrics['valid']}; checkpoint {ckpt_path}")
+    return ckpt_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=("vae", "lm"), required=True)
+    p.add_argument("--config", default=str(DEFAULT_PATH))
+    p.add_argument("--data", required=True, help=".npz written by training.prepare")
+    p.add_argument("--out", required=True, help="run folder (checkpoint ckpt.pt, log.jsonl)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
