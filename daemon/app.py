@@ -63,7 +63,8 @@ class Daemon:
                                  smoothing=c["smoothing"], bpm=c["bpm"])
         return InternalClock(c["bpm"], self.scheduler.fire, post,
                              lookahead_s=c["lookahead_ms"] / 1000, spin_s=c["spin_ms"] / 1000,
-                             clock_out=self.out.send if c["send_clock"] else None)
+                             clock_out=self.out.send if c["send_clock"] else None,
+                             realtime=c["realtime"])
 
     # ----- events out -------------------------------------------------------------------
     def emit(self, event: dict) -> None:

@@ -52,7 +52,8 @@ async def _child(args: argparse.Namespace) -> None:
     config = load_config(None, {"midi.api": "jack", "midi.port_name": args.port_name,
                                 "clock.bpm": args.bpm, "daemon.engine": args.engine,
                                 "daemon.engine_worker": args.worker,
-                                "daemon.model": args.model, "daemon.status_every_bars": 4})
+                                "daemon.model": args.model, "daemon.status_every_bars": 4,
+                                "clock.spin_ms": args.spin_ms, "clock.realtime": args.realtime})
     spec = engine_spec(config)
     spec = EngineSpec(spec.kind, spec.model_dir, spec.threads, spec.options,
                       busy_ms=args.busy_ms, busy_kind=args.load)
@@ -150,7 +151,7 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "daemon.bench_timing", "--child", "--worker", worker,
                "--port-name", port, "--out", str(out), "--seconds", str(args.seconds),
                "--bpm", str(args.bpm), "--busy-ms", str(args.busy_ms), "--load", args.load,
-               "--engine", args.engine, "--model", args.model]
+               "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms)] + (["--realtime"] if args.realtime else [])
         child = subprocess.Popen(cmd)
         try:
             _connect(f"{port}-out", f"{port}-rec:in")
@@ -165,10 +166,17 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
             raise SystemExit(f"daemon child ({worker}) failed with exit code {rc}")
         sent = json.loads(out.read_text())
     arrivals = rec.arrivals
-    # Both lists are in send order and JACK MIDI loses nothing: pair them one to one,
-    # checking the pitches agree (the recorder connected after the first few steps).
-    offset = len(sent) - len(arrivals)
-    pairs = [(s, a) for s, a in zip(sent[max(offset, 0):], arrivals, strict=False) if s[2] == a[1]]
+    # Both lists are in send order and JACK MIDI loses nothing, but the recorder may have
+    # missed the first notes: walk both, pairing each arrival with the next sent note of its
+    # pitch that was sent before it arrived.
+    pairs, i = [], 0
+    for a in arrivals:
+        j = i
+        while j < len(sent) and not (sent[j][2] == a[1] and sent[j][1] <= a[0]):
+            j += 1
+        if j < len(sent):
+            pairs.append((sent[j], a))
+            i = j + 1
     send_err = [(s[1] - s[0]) * 1000 for s, _ in pairs]
     arr_err = [(a[0] - s[0]) * 1000 for s, a in pairs]
     med = float(np.median(arr_err)) if arr_err else 0.0
@@ -189,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--busy-ms", type=float, default=40.0, help="CPU burnt per engine call")
     p.add_argument("--load", choices=["python", "torch"], default="python",
                    help="python holds the GIL while burning; torch releases it in ops")
+    p.add_argument("--spin-ms", type=float, default=2.0, help="clock: spin this long before a step")
+    p.add_argument("--realtime", action="store_true", help="clock thread with SCHED_FIFO")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--port-name", help=argparse.SUPPRESS)
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"jack": {"server": name, "period_frames": args.period, "rate": 48000,
                        "period_ms": round(args.period / 48.0, 3)},
               "bpm": args.bpm, "seconds": args.seconds, "engine": args.engine,
-              "load": {"busy_ms": args.busy_ms, "kind": args.load}, "results": results}
+              "load": {"busy_ms": args.busy_ms, "kind": args.load}, "spin_ms": args.spin_ms, "realtime": args.realtime,
+              "results": results}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,20 @@ def queue_poster(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[ClockEven
     return post
 
 
+def _try_realtime(priority: int = 5) -> None:
+    """Best effort: real-time scheduling for the clock thread (Linux; needs the privilege).
+
+    On a loaded machine the kernel's time slices, not Python, make the late steps. Below
+    JACK's own threads (jackd -P 10) so the spin never starves the server."""
+    if not hasattr(os, "sched_setscheduler"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))  # 0 = this thread
+        log.info("clock thread runs with real-time priority %d", priority)
+    except (PermissionError, OSError) as e:
+        log.info("clock thread without real-time priority (%s)", e)
+
+
 class InternalClock:
     """Steps at a set tempo from a dedicated thread; optional MIDI clock/start/stop out."""
 
@@ -58,8 +73,9 @@ class InternalClock:
 
     def __init__(self, bpm: float, fire: Fire, post: Post, *, lookahead_s: float = 0.015,
                  spin_s: float = 0.002, clock_out: Callable[[mido.Message], None] | None = None,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 realtime: bool = False, now: Callable[[], float] = time.monotonic) -> None:
         self._bpm = bpm
+        self.realtime = realtime
         self._fire, self._post, self._clock_out, self._now = fire, post, clock_out, now
         self.lookahead_s, self.spin_s = lookahead_s, spin_s
         self._lock = threading.Lock()
@@ -139,6 +155,8 @@ class InternalClock:
             return not self._stop.is_set()
 
     def _run(self, step: int) -> None:
+        if self.realtime:
+            _try_realtime()
         first = True
         self._post(ClockEvent("plan", step, self.ideal_time(step)))
         while not self._stop.is_set():

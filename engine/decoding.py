@@ -136,7 +136,7 @@ class CachedLayer(nn.Module):
         att = (q @ k_t + rel + key_bias).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, n, D)
         h = h + self.proj(y)
-        if B != Bz:  # the caches get written per batch row later: real copies
+        if Bz != B:  # the caches get written per batch row later: real copies
             h = h.expand(Bz, -1, -1)
             k_t = k_t.expand(Bz, -1, -1, -1).contiguous()
             v = v.expand(Bz, -1, -1, -1)

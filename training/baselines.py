@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from daemon.config import DEFAULT_PATH
 from engine import tokens as tk
-from engine.model import count_parameters, gather_span, mlp
+from engine.model import CLSM, count_parameters, gather_span, mlp
 from training.data import load_windows
 from training.train import load_checkpoint, load_train_config, make_batch, sample_targets, save_checkpoint
 
@@ -194,8 +194,6 @@ def checkpoint_kind(ckpt: dict) -> str:
 
 def load_model(path: str | Path) -> tuple[nn.Module, str]:
     """Any checkpoint of this project (CLSM, VAE, LM) -> (model in eval mode, kind)."""
-    from engine.model import CLSM  # the CLSM is the usual case; imported here for symmetry
-
     ckpt = load_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     if kind == "vae":
@@ -210,6 +208,11 @@ def load_model(path: str | Path) -> tuple[nn.Module, str]:
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def new_model(kind: str) -> nn.Module:
+    """A fresh baseline with the paper's sizes (tests substitute tiny ones here)."""
+    return LSTMVAE(VAEConfig()) if kind == "vae" else TransformerLM(LMConfig())
 
 
 @torch.no_grad()
@@ -244,7 +247,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"{args.data} has no {splits[0]} windows; run training.prepare first")
     if len(valid_w) == 0:
         valid_w = train_w[:256]
-    model: nn.Module = LSTMVAE(VAEConfig()) if args.kind == "vae" else TransformerLM(LMConfig())
+    model = new_model(args.kind)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
     log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
              len(train_w), splits[0], len(valid_w), splits[1])

@@ -12,7 +12,7 @@
   is 1 when every step moves monotonically from x_0 towards x_J (a smooth interpolation) and
   grows with detours. Pairs whose endpoints decode to the same sequence (d(x_0, x_J) = 0) have no
   defined ratio and are excluded; R(J) is the mean of R_i(J) over the remaining pairs, reported
-  with the number of pairs it used.
+  with the number of pairs it used (None when every pair is excluded).
 - LM negative log-likelihood: see training/evaluate.py (mean per-token NLL, nats).
 """
 
@@ -67,8 +67,9 @@ def subsample_path(points: Sequence[Sequence[int]], J: int) -> list[Sequence[int
 def interpolation_ratio(paths: Sequence[Sequence[Sequence[int]]], J: int) -> dict:
     """R(J) over pairs; each path holds the decodes at alpha = k / K, K a multiple of J.
 
-    Returns {"R": mean ratio (nan if no pair is left), "pairs": used, "excluded": zero-distance}."""
+    Returns {"R": mean ratio (None if no pair is left: JSON has no NaN), "pairs": used,
+    "excluded": zero-distance pairs}."""
     ratios = [path_ratio(subsample_path(p, J)) for p in paths]
     used = [r for r in ratios if r is not None]
-    return {"R": float(np.mean(used)) if used else float("nan"), "pairs": len(used),
+    return {"R": float(np.mean(used)) if used else None, "pairs": len(used),
             "excluded": len(ratios) - len(used)}

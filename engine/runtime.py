@@ -1,0 +1,338 @@
+"""The engine the daemon calls: load a model folder once, warm it up, then infill /
+interpolate / vary (SPEC section 2 "Applications", section 6 figures).
+
+    engine = Engine.load("models/clsm-default")          # TorchScript parts, 1 thread
+    g = engine.infill(tokens, 5, 6, seed=7)             # bars 5..6 between bars 1-4 and 7-8
+    points = engine.interpolate(tokens, 5, 6, z_a, z_b, [0.0, 0.5, 1.0])
+    v = engine.vary(tokens, 5, 6, g.z, 0.5, seed=1)
+
+Synchronous and CPU-heavy (a few ms per call): call it from one worker thread or process.
+Calls are serialised by a lock. Every bad input or model problem raises one `EngineError`
+whose message says what to fix; the engine stays usable afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import export
+from engine import tokens as tk
+from engine.model import CLSM
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torchscript", "eager")
+PRIOR_CACHE_SIZE = 32  # contexts whose p(w | xC, tau) is kept: re-rolls skip the prior
+
+
+class EngineError(Exception):
+    """Bad input to the engine, or a model folder it cannot use."""
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the target's tokens only, 16 per bar
+    first_bar: int  # 1-based, inclusive
+    last_bar: int
+    z: np.ndarray  # (d_z,) latent of this candidate
+    latency_ms: float  # wall time of the call that produced it
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / export.MANIFEST
+    if not folder.is_dir():
+        raise EngineError(f"model folder {folder} does not exist; export one with "
+                          f"`python -m engine.export --checkpoint CKPT --out {folder}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise EngineError(f"{path} is missing: re-export the model folder") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path} is not valid JSON ({e}): re-export the model folder") from e
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} is not a JSON object: re-export the model folder")
+    version = manifest.get("format_version")
+    if version != export.FORMAT_VERSION:
+        raise EngineError(f"{path}: format version {version!r}, this engine reads version "
+                          f"{export.FORMAT_VERSION}: re-export with this version's engine.export")
+    if manifest.get("vocab") != export.vocabulary():
+        raise EngineError(f"{path}: the model was trained for another token vocabulary "
+                          f"than engine/tokens.py; use a model trained with this encoding")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not isinstance(manifest.get("model_args"), dict):
+        raise EngineError(f"{path} lacks 'files' or 'model_args': re-export the model folder")
+    for name, meta in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise EngineError(f"{file} is missing: re-export the model folder")
+        if export.sha256_file(file) != meta.get("sha256"):
+            raise EngineError(f"{file} does not match its sha256 in the manifest (corrupt or "
+                              f"replaced): re-export the model folder")
+    return manifest
+
+
+def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
+    parts = manifest.get("parts")
+    key = "eager" if backend == "eager" else "decoder"
+    if not isinstance(parts, dict) or not all(isinstance(parts.get(k), str)
+                                              for k in ("latent", key)):
+        raise EngineError(f"{folder / export.MANIFEST} does not name the {backend} parts: "
+                          f"re-export the model folder")
+    try:
+        if backend == "torchscript":
+            latent = export.load_scripted(folder / parts["latent"], device)
+            decoder = export.load_scripted(folder / parts["decoder"], device)
+        else:
+            ckpt = torch.load(folder / parts["eager"], map_location=device, weights_only=True)
+            latent, decoder = export.build_parts(CLSM.from_checkpoint(ckpt).float())
+    # torch reports unreadable files through many exception types (the unpickler's own,
+    # RuntimeError from the TorchScript loader and load_state_dict, ...).
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
+            pickle.UnpicklingError) as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise EngineError(f"cannot load the {backend} parts of {folder}: {first_line}; "
+                          f"re-export the model folder") from e
+    if device == "cpu":  # float16 folders are stored half-size but computed in float32 here
+        latent, decoder = latent.float(), decoder.float()
+    return latent.to(device), decoder.to(device)
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise EngineError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: object, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise EngineError(f"{name} must be a number, got {value!r}")
+    out = float(value)
+    if not (low <= out <= high):  # also rejects nan
+        bound = f"{low}..{high}" if high < math.inf else f">= {low}"
+        raise EngineError(f"{name} must be {bound}, got {value!r}")
+    return out
+
+
+class Engine:
+    """A loaded, warmed CLSM. Build it with `Engine.load`."""
+
+    def __init__(self, latent, decoder, manifest: dict, *, name: str, backend: str,
+                 device: str, threads: int, max_batch: int):
+        self.latent, self.decoder, self.manifest = latent, decoder, manifest
+        self.name, self.backend, self.device = name, backend, torch.device(device)
+        self.threads, self.max_batch = threads, max_batch
+        self.d_z = int(manifest["model_args"].get("d_z", 128))
+        self.n_out = int(manifest["model_args"].get("n_out", tk.N_SYMBOLS))
+        self._lock = threading.Lock()
+        self._priors: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.load_ms = self.warmup_ms = 0.0
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, backend: str = "torchscript", device: str = "cpu",
+             threads: int = 1, max_batch: int = 8, warm: bool = True) -> Engine:
+        t0 = time.perf_counter()
+        if backend not in BACKENDS:
+            raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        threads = _check_int("threads", threads)
+        max_batch = _check_int("max_batch", max_batch)
+        if threads < 1 or max_batch < 1:
+            raise EngineError("threads and max_batch must be >= 1")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise EngineError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device 'cuda' requested but no CUDA device is available")
+        torch.set_num_threads(threads)  # the daemon's timing path keeps the other cores
+        folder = Path(model_dir)
+        manifest = _read_manifest(folder)
+        latent, decoder = _load_parts(folder, manifest, backend, str(dev))
+        engine = cls(latent, decoder, manifest, name=manifest.get("name", folder.name),
+                     backend=backend, device=str(dev), threads=threads, max_batch=max_batch)
+        engine.load_ms = (time.perf_counter() - t0) * 1e3
+        if warm:
+            engine.warm_up()
+        log.info("engine %s (%s, %s, %d thread(s)) ready: load %.0f ms, warm-up %.0f ms",
+                 engine.name, backend, dev, threads, engine.load_ms, engine.warmup_ms)
+        return engine
+
+    # ------------------------------------------------------------------ public calls
+
+    def infill(self, tokens: Sequence[int], first_bar: int, last_bar: int, *,
+               seed: int | None = None, z: np.ndarray | None = None,
+               temperature: float | None = None) -> Generation:
+        """Bars first..last given the rest. z=None draws z ~ p(z | xC, tau) with `seed`
+        (None = a fresh random seed); temperature None or 0 = argmax, > 0 = sampling."""
+        t0 = time.perf_counter()
+        x, start, length = self._request(tokens, first_bar, last_bar)
+        temp = 0.0 if temperature is None else _check_float("temperature", temperature, 0.0, 100.0)
+        gen = self._generator(seed)
+        with self._lock, torch.inference_mode():
+            if z is None:
+                mean, logvar = self._prior(x, start, length)
+                eps = torch.randn(self.d_z, generator=gen).to(self.device)
+                zt = self.latent.flow_inverse((mean + (0.5 * logvar).exp() * eps)[None])
+            else:
+                zt = self._latent(z, "z")[None]
+            out = self._decode(x, zt, start, length, temp, gen)
+        return self._result(out[0], zt[0], first_bar, last_bar, t0)
+
+    def interpolate(self, tokens: Sequence[int], first_bar: int, last_bar: int,
+                    z_a: np.ndarray, z_b: np.ndarray,
+                    alphas: Sequence[float]) -> list[Generation]:
+        """z(alpha) = f^-1((1 - alpha) f(z_a) + alpha f(z_b)), decoded together (argmax).
+        alpha 0 and 1 use z_a and z_b exactly."""
+        t0 = time.perf_counter()
+        x, start, length = self._request(tokens, first_bar, last_bar)
+        if isinstance(alphas, str | bytes) or not isinstance(alphas, Sequence | np.ndarray):
+            raise EngineError(f"alphas must be a list of numbers in 0..1, got {alphas!r}")
+        alpha = [_check_float("alpha", a, 0.0, 1.0) for a in alphas]
+        if not alpha:
+            raise EngineError("alphas is empty: give at least one alpha in 0..1")
+        za, zb = self._latent(z_a, "z_a"), self._latent(z_b, "z_b")
+        with self._lock, torch.inference_mode():
+            w = self.latent.flow_forward(torch.stack([za, zb]))
+            a = torch.tensor(alpha, dtype=w.dtype, device=self.device)[:, None]
+            z = self.latent.flow_inverse((1 - a) * w[0] + a * w[1])
+            z = torch.where(a == 0, za, torch.where(a == 1, zb, z))  # endpoints exactly
+            outs = [self._decode(x, z[i:i + self.max_batch], start, length, 0.0, None)
+                    for i in range(0, len(alpha), self.max_batch)]
+        out = torch.cat(outs)
+        return [self._result(out[i], z[i], first_bar, last_bar, t0) for i in range(len(alpha))]
+
+    def vary(self, tokens: Sequence[int], first_bar: int, last_bar: int, z: np.ndarray,
+             delta: float, *, seed: int | None = None) -> Generation:
+        """z(delta) = f^-1(f(z) + delta * eps), eps ~ N(0, Sigma of p(w | xC, tau))."""
+        t0 = time.perf_counter()
+        x, start, length = self._request(tokens, first_bar, last_bar)
+        d = _check_float("delta", delta, 0.0, 1e3)
+        z0 = self._latent(z, "z")[None]
+        gen = self._generator(seed)
+        with self._lock, torch.inference_mode():
+            if d == 0.0:
+                zt = z0
+            else:
+                _, logvar = self._prior(x, start, length)
+                eps = torch.randn(self.d_z, generator=gen).to(self.device)
+                zt = self.latent.flow_inverse(self.latent.flow_forward(z0)
+                                              + d * (0.5 * logvar).exp() * eps)
+            out = self._decode(x, zt, start, length, 0.0, None)
+        return self._result(out[0], zt[0], first_bar, last_bar, t0)
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {"name": self.name, "backend": self.backend, "device": str(self.device),
+                "threads": self.threads, "max_batch": self.max_batch,
+                "params": m.get("params", {}).get("inference"), "d_z": self.d_z,
+                "dtype": m.get("dtype"), "source": m.get("source"),
+                "format_version": m.get("format_version"), "torch": torch.__version__,
+                "load_ms": round(self.load_ms, 1), "warmup_ms": round(self.warmup_ms, 1)}
+
+    def warm_up(self) -> None:
+        """Run every shape later calls use, twice (TorchScript profiles a shape on its first
+        runs, then optimises): 1-4 bar targets through the prior, the flow and the decoder
+        at batch 1 and max_batch, argmax and sampling. The start position is a plain int
+        inside the scripted loop, not a shape: measured, a first call at a new start bar
+        costs what a steady call does, so one start per length suffices."""
+        t0 = time.perf_counter()
+        x = torch.full((1, tk.SEQ_LEN), tk.REST, dtype=torch.long, device=self.device)
+        with self._lock, torch.inference_mode():
+            for bars in range(1, tk.MAX_TARGET_BARS + 1):
+                length = bars * tk.STEPS_PER_BAR
+                start = (tk.N_BARS - bars) // 2 * tk.STEPS_PER_BAR
+                for _ in range(2):
+                    self.latent(x, start, length)
+                for batch in (1, 2, self.max_batch):  # 2: interpolation's flow_forward
+                    z = self.latent.flow_inverse(torch.zeros(batch, self.d_z, device=self.device))
+                    self.latent.flow_forward(z)
+                    if batch != 2:
+                        for _ in range(2):
+                            self.decoder(x, z, start, length, 0.0, None)
+                gumbel = torch.zeros(1, length, self.n_out, device=self.device)
+                for _ in range(2):
+                    self.decoder(x, z[:1], start, length, 1.0, gumbel)
+        self.warmup_ms = (time.perf_counter() - t0) * 1e3
+
+    # ------------------------------------------------------------------ helpers
+
+    def _request(self, tokens: Sequence[int], first_bar: int,
+                 last_bar: int) -> tuple[torch.Tensor, int, int]:
+        first_bar, last_bar = _check_int("first_bar", first_bar), _check_int("last_bar", last_bar)
+        if isinstance(tokens, str | bytes):
+            raise EngineError("tokens must be a sequence of 128 ints, not a string")
+        try:
+            items = list(tokens)
+            if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in items):
+                raise EngineError(f"tokens must be integers 0..{tk.N_SYMBOLS - 1}; got "
+                                  f"{[t for t in items if not isinstance(t, int | np.integer)][:3]}")
+            buf = tk.validate_tokens(items)
+            start, end = tk.target_steps(first_bar, last_bar)
+        except tk.TokenError as e:
+            raise EngineError(str(e)) from e
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"tokens must be 128 ints in 0..{tk.N_SYMBOLS - 1}: {e}") from e
+        x = torch.tensor(buf, dtype=torch.long, device=self.device)[None]
+        return x, start, end - start
+
+    def _latent(self, z: object, name: str) -> torch.Tensor:
+        try:
+            arr = np.asarray(z, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"{name} must be {self.d_z} numbers: {e}") from e
+        if arr.shape != (self.d_z,) or not np.isfinite(arr).all():
+            raise EngineError(f"{name} must be {self.d_z} finite numbers, got shape {arr.shape}")
+        return torch.from_numpy(arr.copy()).to(self.device)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        if seed is None:
+            seed = random.SystemRandom().getrandbits(63)
+        seed = _check_int("seed", seed)
+        return torch.Generator().manual_seed(seed % (1 << 63))
+
+    def _prior(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(w | xC, tau), remembered per context and target."""
+        ctx = x[0].clone()
+        ctx[start:start + length] = tk.POS  # the target's content does not matter
+        key = (start, length, ctx.cpu().numpy().tobytes())
+        if key in self._priors:
+            self._priors.move_to_end(key)
+            return self._priors[key]
+        mean, logvar = self.latent(x, start, length)
+        self._priors[key] = (mean[0], logvar[0])
+        if len(self._priors) > PRIOR_CACHE_SIZE:
+            self._priors.popitem(last=False)
+        return mean[0], logvar[0]
+
+    def _decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int,
+                temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+        """Tokens (B, length). Batches other than 1 are padded to max_batch: those are the
+        shapes warmed up, so latency stays flat (TorchScript re-profiles new shapes)."""
+        n = z.size(0)
+        if 1 < n < self.max_batch:
+            z = torch.cat([z, z[-1:].expand(self.max_batch - n, -1)])
+        gumbel = None
+        if temperature > 0.0 and gen is not None:
+            u = torch.rand((z.size(0), length, self.n_out), generator=gen).clamp_(1e-9, 1 - 1e-7)
+            gumbel = (-(-u.log()).log()).to(self.device)
+        tokens, _ = self.decoder(x, z, start, length, temperature, gumbel)
+        return tokens[:n]
+
+    @staticmethod
+    def _result(tokens: torch.Tensor, z: torch.Tensor, first_bar: int, last_bar: int,
+                t0: float) -> Generation:
+        return Generation(tokens=tokens.tolist(), first_bar=first_bar, last_bar=last_bar,
+                          z=z.float().cpu().numpy().copy(),
+                          latency_ms=(time.perf_counter() - t0) * 1e3)
