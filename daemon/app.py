@@ -318,7 +318,8 @@ def make_cc_mapper(config: Config) -> Any:
 def engine_spec(config: Config) -> EngineSpec:
     d, e = config["daemon"], config["engine"]
     return EngineSpec(kind=d["engine"], model_dir=d["model"], threads=e["threads"],
-                      options={"backend": e["backend"], "device": e["device"]})
+                      options={"backend": e["backend"], "device": e["device"],
+                               "max_batch": e["max_batch"]})
 
 
 async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,

@@ -151,7 +151,8 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "daemon.bench_timing", "--child", "--worker", worker,
                "--port-name", port, "--out", str(out), "--seconds", str(args.seconds),
                "--bpm", str(args.bpm), "--busy-ms", str(args.busy_ms), "--load", args.load,
-               "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms)] + (["--realtime"] if args.realtime else [])
+               "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms)]
+        cmd += ["--realtime"] if args.realtime else []
         child = subprocess.Popen(cmd)
         try:
             _connect(f"{port}-out", f"{port}-rec:in")
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"jack": {"server": name, "period_frames": args.period, "rate": 48000,
                        "period_ms": round(args.period / 48.0, 3)},
               "bpm": args.bpm, "seconds": args.seconds, "engine": args.engine,
-              "load": {"busy_ms": args.busy_ms, "kind": args.load}, "spin_ms": args.spin_ms, "realtime": args.realtime,
+              "load": {"busy_ms": args.busy_ms, "kind": args.load}, "spin_ms": args.spin_ms,
+              "realtime": args.realtime,
               "results": results}
     if args.json:
         print(json.dumps(report, indent=2))

@@ -148,12 +148,8 @@ def _load_real(spec: EngineSpec) -> Any:
     if not model_dir.is_dir():
         raise EngineLoadError(f"model directory {model_dir.resolve()} does not exist; pass "
                               "--model DIR or run with --engine fake")
-    loader = getattr(runtime, "load_engine", None) or getattr(runtime, "load", None)
-    if loader is None:
-        raise EngineLoadError("engine/runtime.py has no load_engine(); cannot load "
-                              f"{model_dir.resolve()}")
     try:
-        return loader(model_dir, **spec.options)
+        return runtime.Engine.load(model_dir, threads=spec.threads, **spec.options)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one clear error
         raise EngineLoadError(f"cannot load the model from {model_dir.resolve()}: {e}") from e
 

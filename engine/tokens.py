@@ -89,7 +89,8 @@ def notes_to_tokens(
     if polyphony not in ("highest", "latest"):
         raise TokenError(f"polyphony must be 'highest' or 'latest', not {polyphony!r}")
     # A note shorter than a step after rounding still sounds for one step.
-    spans = [(n.start, max(n.end, n.start + 1), fold_pitch(n.pitch), i) for i, n in enumerate(notes)]
+    spans = [(n.start, max(n.end, n.start + 1), fold_pitch(n.pitch), i)
+             for i, n in enumerate(notes)]
     tokens = [REST] * n_steps
     previous = None
     for step in range(n_steps):
@@ -131,6 +132,8 @@ def validate_tokens(tokens: Sequence[int], length: int = SEQ_LEN) -> list[int]:
     """Check a buffer of musical tokens; returns it as a list of ints."""
     if len(tokens) != length:
         raise TokenError(f"expected {length} tokens, got {len(tokens)}")
+    if any(isinstance(t, bool) or int(t) != t for t in tokens):
+        raise TokenError("tokens must be whole numbers")
     out = [int(t) for t in tokens]
     bad = [t for t in out if not 0 <= t < N_SYMBOLS]
     if bad:
@@ -145,7 +148,8 @@ def target_steps(first_bar: int, last_bar: int) -> tuple[int, int]:
     if last_bar < first_bar:
         raise TokenError(f"last bar {last_bar} is before first bar {first_bar}")
     if last_bar - first_bar + 1 > MAX_TARGET_BARS:
-        raise TokenError(f"a target spans at most {MAX_TARGET_BARS} bars, got {first_bar}..{last_bar}")
+        raise TokenError(
+            f"a target spans at most {MAX_TARGET_BARS} bars, got {first_bar}..{last_bar}")
     return (first_bar - 1) * STEPS_PER_BAR, last_bar * STEPS_PER_BAR
 
 

@@ -127,3 +127,15 @@ def test_target_steps_errors(first: int, last: int, message: str) -> None:
 def test_format_tokens_one_bar_per_bar_line() -> None:
     text = tk.format_tokens([P(60), HOLD] + [REST] * 14 + [P(84)] + [HOLD] * 15)
     assert text.count("|") == 1 and text.startswith("60 __ R") and "| 84 __" in text
+
+
+def test_validate_tokens_refuses_fractions_and_bools():
+    import pytest
+
+    from engine.tokens import TokenError, validate_tokens
+
+    with pytest.raises(TokenError, match="whole numbers"):
+        validate_tokens([0.5] + [0] * 127)
+    with pytest.raises(TokenError, match="whole numbers"):
+        validate_tokens([True] + [0] * 127)
+    assert validate_tokens([3.0] + [0] * 127)[0] == 3
