@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(PY) run_daemon.py $(ARGS)
+	bash scripts/run_daemon.sh $(ARGS)
 
 # Real servers for the jack/mqtt tests; skipped (tests then skip) where apt is unavailable.
 system-deps:

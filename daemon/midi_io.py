@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,9 +35,13 @@ class MidiBackendError(RuntimeError):
 
 
 def resolve_api(name: str) -> tuple[str, int]:
-    """`auto` -> alsa on Linux, coremidi on macOS; checks the API is compiled into rtmidi."""
+    """`auto` -> coremidi on macOS; on Linux alsa, or jack where there is no ALSA sequencer
+    (containers, CI); checks the API is compiled into rtmidi."""
     if name == "auto":
-        name = "coremidi" if sys.platform == "darwin" else "alsa"
+        if sys.platform == "darwin":
+            name = "coremidi"
+        else:
+            name = "alsa" if os.path.exists("/dev/snd/seq") else "jack"
     if name not in _APIS:
         raise MidiBackendError(f"unknown MIDI API {name!r}; use one of {', '.join(_APIS)}")
     api = _APIS[name]
