@@ -17,18 +17,6 @@ from engine.runtime import Engine, EngineError, Generation
 from tests.test_export import TINY, export_tiny, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    export_tiny(out)
-    return out
-
-
 @pytest.fixture(scope="module", params=["torchscript", "eager"])
 def engine(request, folder) -> Engine:
     return Engine.load(folder, backend=request.param, threads=1, max_batch=4)

@@ -34,16 +34,6 @@ def export_tiny(out: Path, *, fp16: bool = False, seed: int = 0) -> dict:
                          fp16=fp16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    export_tiny(out)
-    return out
 
 
 def random_tokens(batch: int, seed: int = 0) -> torch.Tensor:
