@@ -1,13 +1,13 @@
-"""The daemon: ports, clock, scheduler and engine worker in one asyncio TaskGroup, and its CLI.
+"""The daemon: ports, clock, scheduler and engine worker in one asyncio TaskGroup.
 
 Data flows one way: MIDI in -> performance (quantizer, buffer) -> engine worker -> scheduler ->
 MIDI out; CCs (and MQTT, via `Daemon.handle`) steer it. The engine never runs on the loop or the
 clock thread. Shutdown (SIGINT/SIGTERM) stops the clock, ends every note and closes the ports.
+The command line is in daemon/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -19,10 +19,11 @@ from concurrent.futures import BrokenExecutor
 from typing import Any
 
 from daemon.clock import ClockEvent, ExternalClock, InternalClock, queue_poster
-from daemon.config import Config, ConfigError, load_config
-from daemon.midi_io import MidiBackendError, MidiInput, MidiOutput, Received, accepts
+from daemon.config import Config
+from daemon.history import ResultError
+from daemon.midi_io import MidiInput, MidiOutput, Received, accepts
 from daemon.scheduler import Scheduler
-from daemon.worker import Coalescer, EngineLoadError, EngineSpec, EngineWorker, Superseded
+from daemon.worker import Coalescer, EngineSpec, EngineWorker, Superseded
 from engine.tokens import STEPS_PER_BAR
 
 log = logging.getLogger("daemon")
@@ -33,6 +34,10 @@ ENGINE_ACTIONS = ("regenerate", "interpolate", "step", "vary")
 
 class Shutdown(Exception):
     """Raised inside the TaskGroup to end it after the graceful part is done."""
+
+
+class EngineFailure(Exception):
+    """The engine (or its worker) failed on a request that was itself fine."""
 
 
 class Daemon:
@@ -211,7 +216,11 @@ class Daemon:
 
     # ----- commands ---------------------------------------------------------------------
     async def handle(self, command: Any) -> dict:
-        """Run one command (control.Command); a result dict, or {"error": ...}."""
+        """Run one command (control.Command); a result dict, or {"error": ...}.
+
+        A command that does not fit (bad values, nothing to interpolate yet) changes nothing;
+        an engine failure also ends every note, since what plays may no longer be what was
+        asked for."""
         action, args = command.action, dict(command.args)
         base = {"action": action} | ({"id": command.id} if command.id is not None else {})
         try:
@@ -223,11 +232,12 @@ class Daemon:
             result = {"superseded": True}
         except (ValueError, KeyError, TypeError) as e:
             return base | {"error": f"{action}: {e}"}
-        except Exception as e:  # the engine failed: the show goes on, silently
+        except Exception as e:  # the engine failed (or a bug): the show goes on, silently
             log.exception("engine failure on %s", action)
             self.all_notes_off("engine failure")
-            await self._revive_worker(e)
-            return base | {"error": f"{action}: engine failure: {e}"}
+            cause = e.__cause__ if isinstance(e, EngineFailure) and e.__cause__ else e
+            await self._revive_worker(cause)
+            return base | {"error": f"{action}: engine failure: {cause}"}
         self.emit({"type": "state"})
         return base | {"ok": True} | result
 
@@ -283,12 +293,19 @@ class Daemon:
 
         async def job() -> dict:
             # The snapshot is taken when the job runs, not when it was queued: latest state.
-            request = make_request()
+            request = make_request()  # a ValueError here: the command does not fit the state
             t0 = time.perf_counter()
-            gens = await self.worker.run_request(request)
+            try:
+                gens = await self.worker.run_request(request)
+            except Exception as e:  # whatever the engine raises (a fake's may be a ValueError)
+                raise EngineFailure(str(e)) from e
             self.last_latency_ms = (time.perf_counter() - t0) * 1000
-            p.apply(request, gens)
+            try:
+                p.apply(request, gens)  # StaleRequestError (mode changed meanwhile) stays plain
+            except ResultError as e:  # the engine returned something unusable
+                raise EngineFailure(str(e)) from e
             return {"first_bar": request.first_bar, "last_bar": request.last_bar,
+                    "tokens": [int(t) for t in gens[-1].tokens],
                     "latency_ms": round(self.last_latency_ms, 2)}
 
         return await self.coalescer.run(job)
@@ -312,7 +329,7 @@ def make_performance(config: Config) -> Any:
 def make_cc_mapper(config: Config) -> Any:
     from daemon.control import CCMapper
     c = config["control"]
-    return CCMapper(c["channel"], dict(c["cc"]))
+    return CCMapper(c["channel"], dict(c["cc"]), max_delta=c["max_delta"])
 
 
 def engine_spec(config: Config) -> EngineSpec:
@@ -350,67 +367,3 @@ async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_daemon.py", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="a TOML file laid over configs/default.toml")
-    p.add_argument("--model", help="model directory (default models/clsm-default)")
-    p.add_argument("--midi-api", choices=["auto", "alsa", "jack", "coremidi"])
-    p.add_argument("--port-name", help="virtual ports <name>-in / <name>-out (default clsm)")
-    p.add_argument("--connect-in", help="read an existing MIDI port (by name) instead")
-    p.add_argument("--connect-out", help="write an existing MIDI port (by name) instead")
-    p.add_argument("--bpm", type=float)
-    p.add_argument("--clock", choices=["internal", "external"])
-    p.add_argument("--mode", choices=["loop", "follow"])
-    p.add_argument("--engine", choices=["real", "fake"])
-    p.add_argument("--engine-worker", choices=["thread", "process"])
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    with contextlib.suppress(ImportError):
-        from daemon import mqtt
-        mqtt.add_arguments(p)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, {
-        "daemon.model": args.model, "midi.api": args.midi_api, "midi.port_name": args.port_name,
-        "midi.connect_in": args.connect_in, "midi.connect_out": args.connect_out,
-        "clock.bpm": args.bpm, "clock.source": args.clock, "daemon.mode": args.mode,
-        "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
-    })
-
-
-def mqtt_tasks(config: Config, args: argparse.Namespace) -> list[ExtraTask]:
-    """The MQTT bridge as an extra task, when enabled."""
-    try:
-        from daemon.mqtt import MqttBridge, MqttSettings
-    except ImportError:
-        return []
-    settings = MqttSettings.from_config(config["mqtt"], args)
-    if not settings.enabled:
-        return []
-
-    async def bridge(daemon: Daemon) -> None:
-        b = MqttBridge(settings, daemon)
-        daemon.listeners.append(
-            lambda ev: b.notify_state_changed() if ev.get("type") == "state" else
-            b.publish_event(ev))
-        await b.run()
-    return [bridge]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        asyncio.run(serve(config, mqtt_tasks(config, args)))
-    except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
-        print(f"clsm daemon: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0

@@ -18,7 +18,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+from daemon.jackd import JackdError, start_jack, stop_jack
 
 log = logging.getLogger("bench_timing")
 
@@ -92,26 +93,10 @@ async def _child(args: argparse.Namespace) -> None:
 
 # ----- parent: JACK server, recorder, figures ----------------------------------------------
 
-def _start_jack(period: int) -> tuple[str, subprocess.Popen]:
-    jackd = shutil.which("jackd")
-    if jackd is None:
-        raise SystemExit("jackd not found: apt-get install --no-install-recommends jackd2")
-    name = f"clsm-bench-{uuid.uuid4().hex[:6]}"
-    env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1")
-    proc = subprocess.Popen([jackd, "-n", name, "-d", "dummy", "-r", "48000", "-p", str(period)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    for _ in range(100):
-        if subprocess.run(["jack_lsp"], capture_output=True).returncode == 0:
-            return name, proc
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("jackd did not start")
-
-
 class _Recorder:
     def __init__(self, name: str) -> None:
         import rtmidi
+        self.name = name
         self.arrivals: list[tuple[float, int]] = []
         self._lock = threading.Lock()
         self._in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=name)
@@ -125,19 +110,32 @@ class _Recorder:
             with self._lock:
                 self.arrivals.append((t, data[1]))
 
+    @property
+    def port(self) -> str:
+        return f"{self.name}:in"
+
+    def sources(self) -> list[str]:
+        """MIDI output ports on the server, listed through this client."""
+        return list(self._in.get_ports())
+
     def close(self) -> None:
         self._in.cancel_callback()
         self._in.close_port()
         self._in.delete()
 
 
-def _connect(src_suffix: str, dst: str, timeout: float = 60.0) -> None:
+def _connect(rec: _Recorder, src_suffix: str, timeout: float = 120.0) -> None:
+    """Connect the daemon's output to the recorder once it exists.
+
+    The port is looked for through the recorder's own JACK client: polling with jack_lsp
+    (a client opened and closed every few ms) while the daemon opens its two clients can
+    leave the daemon's output client stuck for good (see daemon/midi_io.py). The daemon
+    opens -out last, so once it is there jack_connect can no longer race with it."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        ports = subprocess.run(["jack_lsp"], capture_output=True, text=True).stdout.split()
-        hits = [p for p in ports if p.endswith(src_suffix)]
+        hits = [p for p in rec.sources() if p.endswith(src_suffix)]
         if hits:
-            subprocess.run(["jack_connect", hits[0], dst], check=True)
+            subprocess.run(["jack_connect", hits[0], rec.port], check=True, timeout=10)
             return
         time.sleep(0.05)
     raise SystemExit(f"daemon port *{src_suffix} never appeared")
@@ -155,7 +153,7 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         cmd += ["--realtime"] if args.realtime else []
         child = subprocess.Popen(cmd)
         try:
-            _connect(f"{port}-out", f"{port}-rec:in")
+            _connect(rec, f"{port}-out")
             rc = child.wait(args.seconds + 120)
         finally:
             if child.poll() is None:
@@ -210,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         asyncio.run(_child(args))
         return 0
-    name, jack = _start_jack(args.period)
+    try:
+        server = start_jack("clsm-bench", args.period)
+    except JackdError as e:
+        raise SystemExit(str(e)) from e
+    os.environ.update(server.env())
     try:
         results = [run_one(args, w) for w in args.workers.split(",")]
     finally:
-        jack.terminate()
-        jack.wait(10)
-    report = {"jack": {"server": name, "period_frames": args.period, "rate": 48000,
+        stop_jack(server)
+    report = {"jack": {"server": server.name, "period_frames": args.period, "rate": 48000,
                        "period_ms": round(args.period / 48.0, 3)},
               "bpm": args.bpm, "seconds": args.seconds, "engine": args.engine,
               "load": {"busy_ms": args.busy_ms, "kind": args.load}, "spin_ms": args.spin_ms,

@@ -4,6 +4,19 @@ rtmidi calls its input callback on a foreign thread, so the callback only hands 
 and their arrival time to the asyncio loop; parsing, filtering and logging happen there.
 Output ports are sent to from the clock thread and the loop, hence a lock; they remember which
 notes are on so `panic()` can end each one (some synths ignore CC 123).
+
+JACK client churn (why tests and benchmarks never poll with jack_lsp while the daemon starts):
+with the JACK backend each port is its own JACK client, so the daemon has two in one process.
+libjack (jack2 1.9.x) keeps one table of the other clients' wake-up futexes per process, indexed
+by the server's client number, and learns of a client leaving asynchronously. If another client
+(a jack_lsp, a patchbay) closes just as we open our second one, the server hands us its freed
+number while our table still holds the old futex ("Already connected"): our client's process
+thread then waits on a dead futex forever and jackd logs `client = <x>-out was not finished,
+state = Triggered` every cycle, for the whole run, for it and everything downstream of it.
+RtMidi's JACK output then spins forever in `send_message` once its 16 KB ring is full (nothing
+drains it), holding the GIL: the daemon freezes and ignores SIGTERM. Nothing in rtmidi's API can
+see either state, so the rule is: nothing opens or closes JACK clients while the daemon opens
+its ports (it logs "MIDI out: ..." when both are open).
 """
 
 from __future__ import annotations

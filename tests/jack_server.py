@@ -3,120 +3,141 @@
 Import the fixture explicitly: `from tests.jack_server import jack_server  # noqa: F401`.
 Same-thread virtual loopback is unreliable (ENGINEERING trap 5), so peers are separate rtmidi
 clients on a real server.
+
+Rule that keeps these tests reliable (see the note in daemon/midi_io.py): no short-lived JACK
+client (jack_lsp, jack_connect) may open or close while a process is still opening its
+clients. So the recorder opens first, looks for the daemon's ports through its own long-lived
+clients, and connects with jack_connect only once all of the daemon's ports exist.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
 import mido
 import pytest
 import rtmidi
 
-JACKD = shutil.which("jackd") or "/usr/bin/jackd"
+from daemon.jackd import JackdError, JackServer, start_jack, stop_jack
 
+# 5.3 ms at 48 kHz: small enough that a reply to a MIDI clock tick comes back well within
+# one tick (the external-clock test checks order), big enough for a loaded 2-core machine.
+TEST_PERIOD = 256
 
-def _ports() -> list[str]:
-    out = subprocess.run(["jack_lsp"], capture_output=True, text=True, timeout=5)
-    return out.stdout.split()
-
-
-def wait_for_port(suffix: str, timeout: float = 10.0) -> str:
-    """The full JACK name of the first port ending with `suffix` once it exists."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        hits = [p for p in _ports() if p.endswith(suffix)]
-        if hits:
-            return hits[0]
-        time.sleep(0.05)
-    raise TimeoutError(f"JACK port *{suffix} did not appear; have {_ports()}")
-
-
-@dataclass
-class JackServer:
-    name: str
-    process: subprocess.Popen
-
-
-def start_jack(period: int = 128) -> JackServer:
-    if not os.path.exists(JACKD):
-        pytest.skip("jackd not installed (apt-get install --no-install-recommends jackd2)")
-    name = f"clsm-test-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1")
-    proc = subprocess.Popen([JACKD, "-n", name, "-d", "dummy", "-r", "48000", "-p", str(period)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.skip(f"jackd did not start: {proc.stderr.read()[-500:] if proc.stderr else ''}")
-        if subprocess.run(["jack_lsp"], capture_output=True, timeout=5).returncode == 0:
-            return JackServer(name, proc)
-        time.sleep(0.1)
-    proc.kill()
-    pytest.skip("jackd did not answer within 10 s")
-
-
-def stop_jack(server: JackServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(5)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(5)
-    os.environ.pop("JACK_DEFAULT_SERVER", None)
+Messages = list[tuple[float, mido.Message]]
 
 
 @pytest.fixture(scope="module")
 def jack_server() -> Iterator[JackServer]:
-    server = start_jack()
-    yield server
-    stop_jack(server)
+    try:
+        server = start_jack("clsm-test", TEST_PERIOD)
+    except JackdError as e:
+        pytest.skip(str(e))
+    saved = {k: os.environ.get(k) for k in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
+    os.environ.update(JACK_DEFAULT_SERVER=server.name, JACK_NO_START_SERVER="1")
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop_jack(server)
 
 
-@dataclass
+def jack_connect(src: str, dst: str) -> None:
+    subprocess.run(["jack_connect", src, dst], check=True, timeout=10, capture_output=True)
+
+
 class Recorder:
-    """An rtmidi JACK client: records what arrives (with time.monotonic) and sends."""
+    """Two long-lived rtmidi JACK clients: `<name>-rec:in` records, `<name>-play:out` sends.
 
-    name: str = "recorder"
-    received: list[tuple[float, mido.Message]] = field(default_factory=list)
+    Received messages are fetched by a polling thread, not an rtmidi callback: a callback
+    runs on JACK's process thread and would make it wait for the GIL of this busy process.
+    Times are time.monotonic() when fetched (order is exact, times are approximate).
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, name: str = "recorder") -> None:
+        self.name = name
+        self.received: Messages = []
         self._lock = threading.Lock()
-        self._in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=f"{self.name}-rec")
+        self._stop = threading.Event()
+        self._in = rtmidi.MidiIn(rtmidi.API_UNIX_JACK, name=f"{name}-rec", queue_size_limit=8192)
         self._in.ignore_types(sysex=False, timing=False, active_sense=True)
         self._in.open_virtual_port("in")
-        self._in.set_callback(self._on_message)
-        self._out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{self.name}-play")
+        self._out = rtmidi.MidiOut(rtmidi.API_UNIX_JACK, name=f"{name}-play")
         self._out.open_virtual_port("out")
+        self._thread = threading.Thread(target=self._poll, name=f"{name}-poll", daemon=True)
+        self._thread.start()
 
-    def _on_message(self, event: tuple[list[int], float], _data: object) -> None:
-        t = time.monotonic()
-        with self._lock:
-            self.received.append((t, mido.Message.from_bytes(event[0])))
+    @property
+    def port_in(self) -> str:
+        return f"{self.name}-rec:in"
 
-    def connect(self, daemon_port_name: str = "clsm") -> None:
-        """Our out -> <name>-in, <name>-out -> our in."""
-        src = wait_for_port(f"{daemon_port_name}-out")
-        dst = wait_for_port(f"{daemon_port_name}-in")
-        subprocess.run(["jack_connect", src, f"{self.name}-rec:in"], check=True, timeout=5)
-        subprocess.run(["jack_connect", f"{self.name}-play:out", dst], check=True, timeout=5)
+    @property
+    def port_out(self) -> str:
+        return f"{self.name}-play:out"
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            event = self._in.get_message()
+            if event is None:
+                time.sleep(0.001)
+                continue
+            msg = mido.Message.from_bytes(event[0])
+            with self._lock:
+                self.received.append((time.monotonic(), msg))
+
+    def ports(self) -> list[str]:
+        """Every MIDI port on the server, listed through our own clients (no new client)."""
+        return list(self._in.get_ports()) + list(self._out.get_ports())
+
+    def wait_for_port(self, suffix: str, timeout: float = 20.0) -> str:
+        """The full JACK name of the first port ending with `suffix` once it exists."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            hits = [p for p in self.ports() if p.endswith(suffix)]
+            if hits:
+                return hits[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"JACK port *{suffix} did not appear; have {self.ports()}")
+
+    def wait_gone(self, prefix: str, timeout: float = 10.0) -> None:
+        """Until no port of client `prefix*` is left (the server removes a dead one's)."""
+        end = time.monotonic() + timeout
+        while any(p.startswith(prefix) for p in self.ports()):
+            if time.monotonic() > end:
+                raise TimeoutError(f"ports {prefix}* still there: {self.ports()}")
+            time.sleep(0.05)
+
+    def connect(self, daemon_port_name: str = "clsm", timeout: float = 60.0) -> None:
+        """Our out -> <name>-in, <name>-out -> our in, once both daemon ports exist.
+
+        The daemon opens -in then -out; with both present its clients are all open, and the
+        short-lived jack_connect clients can no longer race with them."""
+        # The daemon loads its engine before it opens any port: a real model takes seconds.
+        dst = self.wait_for_port(f"{daemon_port_name}-in", timeout)
+        src = self.wait_for_port(f"{daemon_port_name}-out", timeout)
+        jack_connect(src, self.port_in)
+        jack_connect(self.port_out, dst)
+
+    def loopback(self) -> None:
+        """Also record what we send: one stream, in JACK's order, of our ticks and the replies."""
+        jack_connect(self.port_out, self.port_in)
 
     def send(self, msg: mido.Message) -> None:
         self._out.send_message(msg.bytes())
 
-    def messages(self, *types: str) -> list[tuple[float, mido.Message]]:
+    def messages(self, *types: str) -> Messages:
         with self._lock:
             return [(t, m) for t, m in self.received if not types or m.type in types]
 
-    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+    def wait_for(self, predicate: Callable[[Messages], bool], timeout: float = 10.0) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if predicate(self.messages()):
@@ -125,14 +146,15 @@ class Recorder:
         return False
 
     def close(self) -> None:
-        self._in.cancel_callback()
+        self._stop.set()
+        self._thread.join(2)
         self._in.close_port()
         self._in.delete()
         self._out.close_port()
         self._out.delete()
 
 
-def sounding_after(messages: list[tuple[float, mido.Message]]) -> set[tuple[int, int]]:
+def sounding_after(messages: Messages) -> set[tuple[int, int]]:
     """Notes left on at the end of a recording (note-off or CC 123 ends them)."""
     on: set[tuple[int, int]] = set()
     for _, m in messages:

@@ -1,0 +1,83 @@
+"""The command line: `python run_daemon.py --help`.
+
+Options override the config (configs/default.toml <- --config FILE <- options). Errors a user
+can fix (config, MIDI backend, model) end with one line that says what to do and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from daemon.app import Daemon, ExtraTask, serve
+from daemon.config import Config, ConfigError, load_config
+from daemon.midi_io import MidiBackendError
+from daemon.worker import EngineLoadError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_daemon.py",
+        description="Real-time MIDI co-performer around the CLSM model (Akama, ISMIR 2021).")
+    p.add_argument("--config", help="a TOML file laid over configs/default.toml")
+    p.add_argument("--model", help="model directory (default models/clsm-default)")
+    p.add_argument("--midi-api", choices=["auto", "alsa", "jack", "coremidi"])
+    p.add_argument("--port-name", help="virtual ports <name>-in / <name>-out (default clsm)")
+    p.add_argument("--connect-in", help="read an existing MIDI port (by name) instead")
+    p.add_argument("--connect-out", help="write an existing MIDI port (by name) instead")
+    p.add_argument("--bpm", type=float)
+    p.add_argument("--clock", choices=["internal", "external"])
+    p.add_argument("--mode", choices=["loop", "follow"])
+    p.add_argument("--engine", choices=["real", "fake"])
+    p.add_argument("--engine-worker", choices=["thread", "process"])
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    with contextlib.suppress(ImportError):
+        from daemon import mqtt
+        mqtt.add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, {
+        "daemon.model": args.model, "midi.api": args.midi_api, "midi.port_name": args.port_name,
+        "midi.connect_in": args.connect_in, "midi.connect_out": args.connect_out,
+        "clock.bpm": args.bpm, "clock.source": args.clock, "daemon.mode": args.mode,
+        "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
+    })
+
+
+def mqtt_tasks(config: Config, args: argparse.Namespace) -> list[ExtraTask]:
+    """The MQTT bridge as an extra task, when enabled."""
+    try:
+        from daemon.mqtt import MqttBridge, MqttSettings
+    except ImportError:
+        return []
+    settings = MqttSettings.from_config(config["mqtt"], args)
+    if not settings.enabled:
+        return []
+
+    async def bridge(daemon: Daemon) -> None:
+        b = MqttBridge(settings, daemon)
+        # Results, transport changes and errors go out as events and refresh the state.
+        daemon.listeners.append(b.on_daemon_event)
+        await b.run()
+    return [bridge]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config, mqtt_tasks(config, args)))
+    except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
+        print(f"clsm daemon: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

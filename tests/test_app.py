@@ -1,0 +1,154 @@
+"""Daemon.handle in process: FakeEngine behind a stand-in worker, a mido BaseOutput as the port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mido
+import pytest
+
+from daemon.app import Daemon, make_cc_mapper, make_performance
+from daemon.config import load_config
+from daemon.control import parse_command
+from daemon.history import run_request
+from engine.tokens import HOLD, REST, STEPS_PER_BAR, is_pitch
+from tests.fakes import FakeEngine
+
+
+class FakeOut(mido.ports.BaseOutput):
+    """Records what the daemon sends; counts panics (the daemon's all-notes-off)."""
+
+    def __init__(self) -> None:
+        super().__init__("fake-out")
+        self.channel = 0
+        self.sent: list[mido.Message] = []
+        self.panics = 0
+
+    def _send(self, msg: mido.Message) -> None:
+        self.sent.append(msg)
+
+    def panic(self) -> None:
+        self.panics += 1
+        super().panic()
+
+
+class FakeWorker:
+    """What app.py needs of daemon.worker.EngineWorker, running the request inline."""
+
+    kind = "thread"
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.engine_info = engine.info()
+        self.starts = 0
+
+    async def run_request(self, request: Any) -> list[Any]:
+        return run_request(self.engine, request)
+
+    async def start(self) -> FakeWorker:
+        self.starts += 1
+        return self
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def daemon() -> Daemon:
+    config = load_config(None, {"midi.output_channel": 1})
+    d = Daemon(config, FakeWorker(FakeEngine()), FakeOut(), make_performance(config),
+               make_cc_mapper(config))
+    yield d
+    d.clock.close()
+
+
+def cmd(obj: dict) -> Any:
+    return parse_command(obj)
+
+
+async def test_regenerate_puts_tokens_in_the_snapshot_and_the_result(daemon: Daemon) -> None:
+    events: list[dict] = []
+    daemon.listeners.append(events.append)
+    before = daemon.snapshot()["tokens"]
+    result = await daemon.handle(cmd({"action": "regenerate", "first_bar": 3, "bars": 2,
+                                      "seed": 5, "id": "r1"}))
+    assert result["ok"] and result["id"] == "r1" and result["action"] == "regenerate"
+    assert (result["first_bar"], result["last_bar"]) == (3, 4)
+    snap = daemon.snapshot()
+    bars = snap["tokens"][2 * STEPS_PER_BAR:4 * STEPS_PER_BAR]
+    assert result["tokens"] == bars
+    assert bars != before[2 * STEPS_PER_BAR:4 * STEPS_PER_BAR]
+    assert snap["tokens"][:2 * STEPS_PER_BAR] == before[:2 * STEPS_PER_BAR]  # context kept
+    assert snap["owners"][2:4] == ["coperformer", "coperformer"]
+    assert all(is_pitch(t) or t in (REST, HOLD) for t in bars)
+    assert {"type": "state"} in events
+
+
+async def test_vary_after_regenerate_returns_the_new_tokens(daemon: Daemon) -> None:
+    await daemon.handle(cmd({"action": "regenerate", "first_bar": 1, "bars": 1, "seed": 1}))
+    result = await daemon.handle(cmd({"action": "vary", "delta": 1.5}))
+    assert result["ok"]
+    assert result["tokens"] == daemon.snapshot()["tokens"][:STEPS_PER_BAR]
+
+
+@pytest.mark.parametrize("command", [
+    {"action": "interpolate", "alpha": 0.5},  # needs two candidates first
+    {"action": "vary", "delta": 0.5},  # needs a candidate first
+    {"action": "undo"},
+])
+async def test_a_command_that_does_not_fit_changes_nothing(daemon: Daemon, command) -> None:
+    await daemon.handle(cmd({"action": "regenerate", "first_bar": 2, "bars": 1, "seed": 3}))
+    await daemon.handle(cmd({"action": "undo"}))  # back to the empty bars: no candidate now
+    before = daemon.snapshot()
+    result = await daemon.handle(cmd(command))
+    if command["action"] == "undo":
+        assert result.get("undone") is False
+    else:
+        assert "error" in result and result["action"] == command["action"]
+        assert "ok" not in result
+    assert daemon.snapshot() == before
+    assert daemon.out.panics == 0
+
+
+async def test_bad_args_are_an_error_dict_and_state_is_unchanged(daemon: Daemon) -> None:
+    before = daemon.snapshot()
+    bad = type("Cmd", (), {"action": "regenerate", "args": {"first_bar": 8, "bars": 4},
+                           "id": "x"})()
+    result = await daemon.handle(bad)
+    assert result["id"] == "x" and "error" in result and "bars" in result["error"]
+    unknown = type("Cmd", (), {"action": "explode", "args": {}, "id": None})()
+    assert "unknown action" in (await daemon.handle(unknown))["error"]
+    assert daemon.snapshot() == before
+
+
+async def test_engine_failure_is_an_error_and_ends_every_note(daemon: Daemon) -> None:
+    await daemon.handle(cmd({"action": "regenerate", "first_bar": 1, "bars": 4, "seed": 2}))
+    # Play the first pitch of the candidate, as the clock would, so a note is sounding.
+    tokens = daemon.snapshot()["tokens"]
+    step = next(i for i, t in enumerate(tokens) if is_pitch(t))
+    daemon.scheduler.plan(step, daemon.performance.output_token(step))
+    daemon.scheduler.fire(step)
+    note = next(m for m in daemon.out.sent if m.type == "note_on")
+    before = daemon.snapshot()
+
+    daemon.worker.engine.fail = True
+    result = await daemon.handle(cmd({"action": "regenerate", "seed": 9}))
+    assert "engine failure" in result["error"]
+    assert daemon.out.panics == 1
+    offs = [m for m in daemon.out.sent if m.type == "note_off" or
+            (m.type == "note_on" and m.velocity == 0)]
+    assert [m.note for m in offs] == [note.note]
+    assert daemon.scheduler.sounding is None
+    assert daemon.snapshot()["tokens"] == before["tokens"]
+
+    daemon.worker.engine.fail = False  # the daemon goes on
+    assert (await daemon.handle(cmd({"action": "regenerate", "seed": 9})))["ok"]
+
+
+async def test_simple_commands_change_the_state(daemon: Daemon) -> None:
+    assert (await daemon.handle(cmd({"action": "seed", "value": 42})))["ok"]
+    assert (await daemon.handle(cmd({"action": "tempo", "bpm": 96})))["ok"]
+    assert (await daemon.handle(cmd({"action": "mode", "value": "follow"})))["ok"]
+    snap = daemon.snapshot()
+    assert (snap["seed"], snap["bpm"], snap["mode"]) == (42, 96.0, "follow")
+    assert daemon.out.panics == 1  # a mode change ends the notes

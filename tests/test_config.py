@@ -1,0 +1,100 @@
+"""daemon/config.py: defaults <- user TOML <- CLI overrides, and the errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import build_parser, config_from_args, main
+from daemon.config import ConfigError, load_config, merge, read_toml
+
+
+def user(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "user.toml"
+    path.write_text(text)
+    return path
+
+
+def test_user_file_is_merged_over_the_defaults(tmp_path: Path) -> None:
+    defaults = load_config()
+    config = load_config(user(tmp_path, "[clock]\nbpm = 96\n\n[control.cc]\nundo = 40\n"))
+    assert config["clock"]["bpm"] == 96.0 and isinstance(config["clock"]["bpm"], float)
+    assert config["control"]["cc"]["undo"] == 40
+    # Everything not in the user file keeps its default, also in the nested table.
+    assert config["control"]["cc"]["regenerate"] == defaults["control"]["cc"]["regenerate"]
+    assert config["clock"]["source"] == defaults["clock"]["source"]
+    assert config["model"] == defaults["model"]
+
+
+def test_merge_does_not_touch_its_inputs() -> None:
+    base = {"a": {"x": 1, "y": [1, 2]}}
+    out = merge(base, {"a": {"x": 2}})
+    out["a"]["y"].append(3)
+    assert base == {"a": {"x": 1, "y": [1, 2]}} and out["a"]["x"] == 2
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[clock]\nbmp = 96\n", "clock.bmp"),
+    ("[clok]\nbpm = 96\n", "clok"),
+    ("[control.cc]\nredo = 3\n", "control.cc.redo"),
+])
+def test_unknown_key_is_an_error_that_names_it(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        load_config(user(tmp_path, text))
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ('[clock]\nbpm = "fast"\n', "clock.bpm"),
+    ("[daemon]\nvelocity = true\n", "daemon.velocity"),  # a bool is not an int here
+    ("[clock]\nsend_clock = 1\n", "clock.send_clock"),
+    ("[control]\ncc = 5\n", "control.cc"),
+])
+def test_wrong_type_is_an_error_that_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(user(tmp_path, text))
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[clock]\nbpm = 500\n", "clock.bpm must be 20..300"),
+    ('[midi]\napi = "winmm"\n', "midi.api must be one of"),
+    ("[midi]\noutput_channel = 0\n", "midi.output_channel"),
+])
+def test_values_out_of_range_are_refused(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(user(tmp_path, text))
+
+
+def test_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_toml(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(user(tmp_path, "[clock\nbpm = 1\n"))
+
+
+def test_overrides_win_over_the_file_and_none_is_skipped(tmp_path: Path) -> None:
+    path = user(tmp_path, "[clock]\nbpm = 96\n[daemon]\nmode = \"follow\"\n")
+    config = load_config(path, {"clock.bpm": 150.0, "daemon.mode": None})
+    assert config["clock"]["bpm"] == 150.0
+    assert config["daemon"]["mode"] == "follow"
+    with pytest.raises(ConfigError, match="unknown config key 'clock.tempo'"):
+        load_config(None, {"clock.tempo": 1.0})
+    with pytest.raises(ConfigError, match="clock.bpm must be 20..300"):
+        load_config(None, {"clock.bpm": 10.0})
+
+
+def test_cli_options_become_overrides(tmp_path: Path) -> None:
+    path = user(tmp_path, "[clock]\nbpm = 96\n")
+    args = build_parser().parse_args(["--config", str(path), "--bpm", "100", "--mode", "follow",
+                                      "--engine", "fake", "--port-name", "jam"])
+    config = config_from_args(args)
+    assert config["clock"]["bpm"] == 100.0
+    assert (config["daemon"]["mode"], config["daemon"]["engine"]) == ("follow", "fake")
+    assert config["midi"]["port_name"] == "jam"
+    assert config["daemon"]["engine_worker"] == "thread"  # untouched default
+
+
+def test_cli_exits_2_with_a_message_on_a_bad_config(tmp_path: Path, capsys) -> None:
+    path = user(tmp_path, "[clock]\nbmp = 96\n")
+    assert main(["--config", str(path), "--engine", "fake"]) == 2
+    assert "clock.bmp" in capsys.readouterr().err
