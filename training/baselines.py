@@ -26,9 +26,7 @@ save_checkpoint has no extra key; see `checkpoint_kind`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,13 +34,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from daemon.config import DEFAULT_PATH
 from engine import tokens as tk
 from engine.model import CLSM, count_parameters, gather_span, mlp
 from training.data import load_windows
-from training.train import load_checkpoint, load_train_config, make_batch, sample_targets, save_checkpoint
+from training.train import (
+    load_checkpoint,
+    load_train_config,
+    save_checkpoint,
+    training_loop,
+    validate,
+)
 
 log = logging.getLogger("training.baselines")
 
@@ -215,23 +218,6 @@ def new_model(kind: str) -> nn.Module:
     return LSTMVAE(VAEConfig()) if kind == "vae" else TransformerLM(LMConfig())
 
 
-@torch.no_grad()
-def validate(model: nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
-             target_bars: list[int]) -> dict:
-    """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
-    model.eval()
-    rng = np.random.default_rng(seed)
-    sums: dict[str, float] = {}
-    for _ in range(n_batches):
-        x = torch.from_numpy(valid[rng.integers(0, len(valid), size=batch)].astype(np.int64))
-        start, length = sample_targets(rng, batch, target_bars)
-        _, parts = model(x, start, length, beta=1.0)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v / n_batches
-    model.train()
-    return sums
-
-
 def train(args: argparse.Namespace) -> Path:
     config = {"kind": args.kind, **load_train_config(args.config)}
     tcfg = config["train"]
@@ -252,39 +238,12 @@ def train(args: argparse.Namespace) -> Path:
     log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
              len(train_w), splits[0], len(valid_w), splits[1])
 
-    deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
-    last_ckpt = time.monotonic()
-    step, seen, t0, metrics = 0, 0, time.monotonic(), {}
-    bar = tqdm(total=args.max_steps, dynamic_ncols=True, disable=args.quiet)
-    with (out / "log.jsonl").open("a") as logf:
-        while (args.max_steps is None or step < args.max_steps) and time.monotonic() < deadline:
-            x = make_batch(train_w, rng, tcfg["batch_size"])
-            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
-            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
-            loss, parts = model(x, start, length, beta=beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += len(x)
-            rate = seen / (time.monotonic() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
-            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
-            if step % tcfg["valid_every"] == 0:
-                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
-                                           tcfg["target_bars"])
-                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
-                log.info("step %d valid %s", step, record["valid"])
-            logf.write(json.dumps(record) + "\n")
-            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
-                save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
-                last_ckpt = time.monotonic()
-    bar.close()
+    step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
+                                  out=out, max_steps=args.max_steps, minutes=args.minutes,
+                                  quiet=args.quiet)
     metrics["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"], tcfg["target_bars"])
-    metrics.setdefault("windows_per_s", seen / max(1e-9, time.monotonic() - t0))
     save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
-    print(f"{args.kind} step {step}: {seen} windows in {time.monotonic() - t0:.1f} s "
+    print(f"{args.kind} step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
           f"= {metrics['windows_per_s']:.1f} windows/s; valid {metrics['valid']}; checkpoint {ckpt_path}")
     return ckpt_path
 

@@ -30,7 +30,7 @@ from training.evaluate import decode, load_eval_windows
 
 log = logging.getLogger("training.render")
 
-CHECKPOINT_NAMES = ("ckpt.pt", "model.pt", "weights.pt")
+CHECKPOINT_NAMES = ("ckpt.pt", "eager.pt", "model.pt", "weights.pt")
 
 
 def find_checkpoint(model: str | Path) -> Path:

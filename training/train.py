@@ -52,7 +52,7 @@ def bf16_available() -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
-def save_checkpoint(path: Path, model: CLSM, opt: torch.optim.Optimizer, step: int,
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
                     config: dict, metrics: dict) -> None:
     """Atomic: write a temp file, then rename over the old checkpoint."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -67,8 +67,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def validate(model: CLSM, valid: np.ndarray, seed: int, n_batches: int, batch: int,
-             target_bars: list[int], autocast: bool) -> dict:
+def validate(model: torch.nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
+             target_bars: list[int], autocast: bool = False) -> dict:
     """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
     model.eval()
     rng = np.random.default_rng(seed)
@@ -83,6 +83,52 @@ def validate(model: CLSM, valid: np.ndarray, seed: int, n_batches: int, batch: i
             parts_sum[k] = parts_sum.get(k, 0.0) + v / n_batches
     model.train()
     return parts_sum
+
+
+def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: np.ndarray,
+                  valid_w: np.ndarray, rng: np.random.Generator, *, tcfg: dict, config: dict,
+                  out: Path, step: int = 0, max_steps: int | None = None,
+                  minutes: float | None = None, autocast: bool = False,
+                  quiet: bool = False) -> tuple[int, dict]:
+    """The paper's training loop for any model whose forward is (x, start, length, beta) ->
+    (loss, parts): target sampling, beta annealing, validation, periodic atomic checkpoints to
+    out/ckpt.pt and one JSON line a step in out/log.jsonl. Returns the step and the metrics."""
+    ckpt_path = out / "ckpt.pt"
+    deadline = time.monotonic() + 60 * minutes if minutes else float("inf")
+    last_ckpt = time.monotonic()
+    metrics: dict = {}
+    seen, t0 = 0, time.monotonic()
+    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, disable=quiet)
+    with (out / "log.jsonl").open("a") as logf:
+        while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
+            x = make_batch(train_w, rng, tcfg["batch_size"])
+            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
+            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = model(x, start, length, beta=beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(x)
+            rate = seen / (time.monotonic() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
+                            acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
+            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
+            if step % tcfg["valid_every"] == 0:
+                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
+                                           tcfg["target_bars"], autocast)
+                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
+                log.info("step %d valid %s", step, record["valid"])
+            logf.write(json.dumps(record) + "\n")
+            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
+                save_checkpoint(ckpt_path, model, opt, step, config, metrics)
+                last_ckpt = time.monotonic()
+    bar.close()
+    elapsed = time.monotonic() - t0
+    metrics.update(windows=seen, seconds=elapsed, windows_per_s=seen / max(1e-9, elapsed))
+    return step, metrics
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -116,41 +162,11 @@ def train(args: argparse.Namespace) -> Path:
     log.info("CLSM with %d parameters; %d train / %d valid windows; bf16 autocast %s",
              count_parameters(model), len(train_w), len(valid_w), autocast)
 
-    deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
-    last_ckpt = time.monotonic()
-    metrics: dict = {}
-    seen, t0 = 0, time.monotonic()
-    bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, disable=args.quiet)
-    with (out / "log.jsonl").open("a") as logf:
-        while (args.max_steps is None or step < args.max_steps) and time.monotonic() < deadline:
-            x = make_batch(train_w, rng, tcfg["batch_size"])
-            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
-            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = model(x, start, length, beta=beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += len(x)
-            rate = seen / (time.monotonic() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts['kl']:.2f}",
-                            acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
-            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
-            if step % tcfg["valid_every"] == 0:
-                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
-                                           tcfg["target_bars"], autocast)
-                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
-                log.info("step %d valid %s", step, record["valid"])
-            logf.write(json.dumps(record) + "\n")
-            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
-                save_checkpoint(ckpt_path, model, opt, step, config, metrics)
-                last_ckpt = time.monotonic()
-    bar.close()
-    metrics.setdefault("windows_per_s", seen / max(1e-9, time.monotonic() - t0))
+    step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
+                                  out=out, step=step, max_steps=args.max_steps,
+                                  minutes=args.minutes, autocast=autocast, quiet=args.quiet)
     save_checkpoint(ckpt_path, model, opt, step, config, metrics)
-    print(f"step {step}: {seen} windows in {time.monotonic() - t0:.1f} s "
+    print(f"step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
           f"= {metrics['windows_per_s']:.1f} windows/s; checkpoint {ckpt_path}")
     return ckpt_path
 
