@@ -283,7 +283,8 @@ class Daemon:
                 return p.make_request("regenerate", seed=seed, temperature=self.temperature,
                                       **params)
             if action == "vary":
-                return p.make_request("vary", delta=float(args["delta"]), seed=args.get("seed"))
+                return p.make_request("vary", delta=float(args["delta"]),
+                                      seed=args.get("seed", self.seed))
             if action == "step":
                 alpha = p.next_alpha(int(args.get("direction", 1)),
                                      self.config["daemon"]["interp_steps"])
@@ -314,7 +315,10 @@ class Daemon:
         if isinstance(error, BrokenExecutor):  # the child died: start a fresh one
             with contextlib.suppress(Exception):
                 await self.worker.close()
-            await self.worker.start()
+            try:
+                await self.worker.start()
+            except Exception:  # raised here it would end the TaskGroup, and the daemon
+                log.exception("engine worker could not be restarted; generation is off")
 
 
 # ----- wiring -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ engine's results back to `apply`. Positions are absolute transport steps (16 per
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -331,6 +332,10 @@ class Performance:
             if not is_number(delta) or delta < 0:
                 raise RequestError(f"delta must be a number >= 0, got {delta!r}")
             parent = hist.vary_parent()
+            if seed is None:
+                # One direction per parent (the engine draws a fresh eps on None): a delta
+                # sweep moves away from the candidate instead of jumping between variations.
+                seed = zlib.crc32(repr((hist.key, parent.cid)).encode()) % (MAX_SEED + 1)
             out = {"delta": float(delta), "seed": seed, "z": parent.z, "parent": parent.cid}
         return self._request(kind, tokens, hist.first_bar, hist.last_bar, out, hist.key)
 
@@ -340,7 +345,12 @@ class Performance:
             raise RequestError(f"temperature must be a number >= 0, got {temperature!r}")
         first, bars = self.target
         if "first_bar" in params or "bars" in params:
-            first, bars = check_bars(params.get("first_bar", first), params.get("bars", bars))
+            first = params.get("first_bar", first)
+            length = params.get("bars", bars)
+            if self.mode == "follow" and "first_bar" not in params and isinstance(length, int):
+                # Follow mode has no start bar (the target ends at bar 8): only the length moves.
+                first = min(self._target[0], N_BARS + 1 - length)
+            first, bars = check_bars(first, length)
             self._target = (first, bars)  # validated: only now does the state change
             first, bars = self.target
         out = {"seed": params.get("seed"), "temperature": temperature}

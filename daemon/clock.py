@@ -170,7 +170,10 @@ class InternalClock:
                 continue
             if not self._wait_until(ideal):
                 return
-            self._fire(step)
+            try:
+                self._fire(step)
+            except Exception:  # a failing send must not end the clock (and strand a note)
+                log.exception("clock: sending step %d failed", step)
             if self._clock_out is not None:
                 if first:
                     self._clock_out(mido.Message("start" if step == 0 else "continue"))
@@ -238,6 +241,9 @@ class ExternalClock:
             self._tick(t)
         elif kind == "start":
             self.ticks = 0
+            if self.running:  # Start again without Stop: restart the song, like an SPP jump
+                self._post(ClockEvent("start", 0, t))
+                self._post(ClockEvent("plan", 0, t))
             self._run(t)
         elif kind == "continue":
             self._run(t)

@@ -249,18 +249,26 @@ class Coalescer:
         """Run `job` now, or after the one in flight; raises Superseded if replaced first."""
         if self._running:
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
-            if self._pending is not None:
+            if self._pending is not None and not self._pending[1].done():  # may be cancelled
                 self._pending[1].set_exception(Superseded())
             self._pending = (job, fut)
-            job, _ = await fut  # woken with the job to run by the finishing one
+            try:
+                job, _ = await fut  # woken with the job to run by the finishing one
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._hand_over()  # handed the slot, cancelled before running: pass it on
+                raise
         self._running = True
         try:
             return await job()
         finally:
-            self._running = False
-            while self._pending is not None:
-                nxt, self._pending = self._pending, None
-                if not nxt[1].done():  # its caller may have been cancelled meanwhile
-                    self._running = True  # hand over without a gap a third caller could take
-                    nxt[1].set_result(nxt)
-                    break
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self._running = False
+        while self._pending is not None:
+            nxt, self._pending = self._pending, None
+            if not nxt[1].done():  # its caller may have been cancelled meanwhile
+                self._running = True  # hand over without a gap a third caller could take
+                nxt[1].set_result(nxt)
+                break

@@ -152,3 +152,63 @@ async def test_simple_commands_change_the_state(daemon: Daemon) -> None:
     snap = daemon.snapshot()
     assert (snap["seed"], snap["bpm"], snap["mode"]) == (42, 96.0, "follow")
     assert daemon.out.panics == 1  # a mode change ends the notes
+
+
+async def test_vary_passes_the_pinned_seed_to_the_engine(daemon: Daemon) -> None:
+    # engine.runtime draws a random seed on seed=None: a pinned seed must reach vary too.
+    await daemon.handle(cmd({"action": "seed", "value": 77}))
+    await daemon.handle(cmd({"action": "regenerate", "first_bar": 1, "bars": 1}))
+    assert (await daemon.handle(cmd({"action": "vary", "delta": 0.5})))["ok"]
+    name, kwargs = daemon.worker.engine.calls[-1]
+    assert name == "vary" and kwargs.get("seed") == 77
+
+
+async def test_a_worker_that_cannot_restart_does_not_kill_the_daemon(daemon: Daemon) -> None:
+    from concurrent.futures import BrokenExecutor
+
+    async def broken(request: Any) -> list[Any]:
+        raise BrokenExecutor("child died")
+
+    async def cannot_start() -> Any:
+        raise RuntimeError("spawn failed")
+
+    daemon.worker.run_request = broken
+    daemon.worker.start = cannot_start
+    result = await daemon.handle(cmd({"action": "regenerate", "seed": 1}))
+    assert "engine failure" in result["error"]
+    assert daemon.out.panics == 1
+
+
+async def test_coalescer_survives_cancelled_callers() -> None:
+    import asyncio
+
+    from daemon.worker import Coalescer, Superseded
+    c, gate = Coalescer(), asyncio.Event()
+
+    async def slow() -> str:
+        await gate.wait()
+        return "slow"
+
+    async def quick() -> str:
+        return "quick"
+
+    first = asyncio.create_task(c.run(slow))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(c.run(quick))
+    await asyncio.sleep(0)
+    waiting.cancel()  # its caller went away while it waited
+    await asyncio.sleep(0)
+    third = asyncio.create_task(c.run(quick))  # must not trip over the cancelled one
+    await asyncio.sleep(0)
+    handed = asyncio.create_task(c.run(quick))  # supersedes `third`
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.sleep(0)  # `first` finishes and hands the slot over
+    assert first.done() and not handed.done()
+    handed.cancel()  # handed the slot, cancelled before it could run: the slot is freed
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    with pytest.raises(Superseded):
+        await third
+    assert not c.busy
+    assert await c.run(quick) == "quick"

@@ -360,3 +360,29 @@ def test_note_held_over_the_bar_line_silences_the_next_bar_before_the_clock_gets
     assert perf.output_token(16) is None
     perf.note_off(60, 15.2)
     assert perf.output_token(16) is not None  # released in time: the bar stays the co-performer's
+
+
+def test_follow_regenerate_can_change_the_length_alone():
+    # Follow mode has no start bar: {"bars": 3} must not fail on the 1-bar target's start (8).
+    perf = Performance(mode="follow", target=(1, 1))
+    play(perf, [], until=16 * 2 + 3)
+    request = perf.make_request("regenerate", seed=1, bars=3)
+    assert (request.first_bar, request.last_bar) == (6, 8)
+    assert request.key == ("follow", 3, 3)
+    assert perf.target == (6, 3)
+
+
+def test_vary_without_a_seed_keeps_one_direction_per_parent():
+    # The engine draws a fresh random eps on seed=None: a delta sweep (knob) would jump
+    # between unrelated variations instead of moving away from the candidate along one.
+    perf = Performance(target=(2, 1))
+    engine = FakeEngine()
+    generate(perf, engine, seed=1)
+    first, _ = generate(perf, engine, "vary", delta=0.3)
+    second, _ = generate(perf, engine, "vary", delta=0.9)
+    assert first.params["seed"] is not None
+    assert second.params["seed"] == first.params["seed"]
+    assert engine.calls[-1][1]["seed"] == first.params["seed"]
+    generate(perf, engine, seed=2)  # a new candidate: a new direction
+    third, _ = generate(perf, engine, "vary", delta=0.3)
+    assert third.params["seed"] not in (None, first.params["seed"])

@@ -146,3 +146,36 @@ def test_internal_set_bpm_keeps_the_position() -> None:
         assert c.ideal_time(step + 1) - t == pytest.approx(step_seconds(60.0))
     finally:
         c.stop()
+
+
+def test_start_while_running_restarts_at_step_zero() -> None:
+    # Some sequencers send Start again (no Stop) to restart the song: without a "start"
+    # event the scheduler still thinks step 40 sounded last and drops every plan up to it.
+    r = Recorder()
+    c = ExternalClock(r.fire, r.post)
+    c.feed(mido.Message("start"), 0.0)
+    t = ticks(c, 6 * 40, 0.0)
+    c.feed(mido.Message("start"), t)
+    ticks(c, 12, t)
+    assert r.kinds("start") == [0, 0]
+    assert r.fired[-2:] == [0, 1]
+    assert r.kinds("plan")[-3:] == [0, 1, 2]
+
+
+def test_internal_clock_survives_a_failing_send() -> None:
+    # A MIDI send that raises once (port trouble) must not end the clock thread: the
+    # transport would say "playing" while nothing fires and the sounding note hangs.
+    r = Recorder()
+
+    def fire(step: int) -> None:
+        if step == 1:
+            raise RuntimeError("port gone")
+        r.fire(step)
+
+    c = InternalClock(600.0, fire, r.post, lookahead_s=0.005)
+    c.start(0)
+    deadline = time.monotonic() + 5
+    while len(r.fired) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.stop()
+    assert r.fired[:3] == [0, 2, 3]
