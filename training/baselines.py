@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from daemon.config import DEFAULT_PATH
 from engine import tokens as tk
 from engine.model import CLSM, count_parameters, gather_span, mlp
 from training.data import load_windows
 from training.train import (
     load_checkpoint,
     load_train_config,
+    run_arguments,
     save_checkpoint,
     training_loop,
     validate,
@@ -249,15 +249,8 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = run_arguments(__doc__.splitlines()[0], default_threads=1)
     p.add_argument("--kind", choices=("vae", "lm"), required=True)
-    p.add_argument("--config", default=str(DEFAULT_PATH))
-    p.add_argument("--data", required=True, help=".npz written by training.prepare")
-    p.add_argument("--out", required=True, help="run folder (checkpoint ckpt.pt, log.jsonl)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train(args)

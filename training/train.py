@@ -171,17 +171,23 @@ def train(args: argparse.Namespace) -> Path:
     return ckpt_path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str, default_threads: int | None) -> argparse.ArgumentParser:
+    """The options every training entry point takes (CLSM here, the baselines too)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=str(DEFAULT_PATH))
     p.add_argument("--data", required=True, help=".npz written by training.prepare")
     p.add_argument("--out", required=True, help="run folder (checkpoint ckpt.pt, log.jsonl)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--threads", type=int, default=default_threads)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = run_arguments(__doc__.splitlines()[0], default_threads=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-bf16", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train(args)
