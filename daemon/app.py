@@ -120,7 +120,8 @@ class Daemon:
         raise Shutdown
 
     def all_notes_off(self, why: str) -> None:
-        self.clock.close() if why == "shutdown" else None
+        if why == "shutdown":
+            self.clock.close()
         self.scheduler.all_notes_off()
         self.out.panic()
         log.debug("all notes off (%s)", why)
