@@ -381,11 +381,14 @@ class CLSM(nn.Module):
         self.prior = Prior(cfg)
         self.decoder = Decoder(cfg)
 
-    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0):
+    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0,
+                free_bits: float = 0.0):
         """Loss for a batch whose targets all have `length` steps, starting at start (B,).
 
         Returns (total, parts): total = (1/|xT|) Lrec + beta * KL, the negative of the paper's
-        objective; parts holds rec, kl and teacher-forced accuracy (detached floats)."""
+        objective; parts holds rec, kl and teacher-forced accuracy (detached floats).
+        free_bits > 0 (not in the paper) replaces KL by max(KL, free_bits) in the total: below
+        that many nats the KL term has no gradient, so z is not squeezed out of use."""
         mean, logvar = self.encoder(x, start, length)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # one sample
         p_mean, p_logvar = self.prior(x, start, length)
@@ -393,7 +396,7 @@ class CLSM(nn.Module):
         logits = gather_span(self.decoder(x, z, start, length), start, length)  # (B, T, n_out)
         target = gather_span(x[:, :, None], start, length)[..., 0]  # (B, T)
         rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
-        total = rec + beta * kl
+        total = rec + beta * torch.clamp(kl, min=free_bits)
         acc = (logits.argmax(-1) == target).float().mean()
         return total, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
 

@@ -1,11 +1,16 @@
 """training.train end to end on a tiny config: runs, checkpoints, resumes."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from tests.test_evaluate import write_cache
-from training import train
+from training import snapshot, train
 
 
 def tiny_config(path):
@@ -46,3 +51,63 @@ def test_train_checkpoints_and_resumes(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
     betas = [r["beta"] for r in lines]
     assert betas[0] == 0.0 and betas == sorted(betas)  # annealed up from 0
+
+
+def run_torchrun(argv: list[str], nproc: int) -> None:
+    """The README's command: torchrun --standalone --nproc-per-node N -m training.train ..."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "training.train", *argv]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_two_processes_same_weights_one_checkpoint(tmp_path):
+    data = write_cache(tmp_path / "w.npz")
+    config = tiny_config(tmp_path / "tiny.toml")
+    out = tmp_path / "run"
+    run_torchrun(["--config", str(config), "--data", str(data), "--out", str(out), "--quiet",
+                  "--threads", "1", "--max-steps", "4"], nproc=2)
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # rank 0 alone writes
+    ckpt = train.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 4 and ckpt["metrics"]["processes"] == 2
+    fingerprints = ckpt["metrics"]["rank_weights"]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]  # one log, not one per rank
+
+
+def test_resume_from_committed_snapshot_continues_step_and_loss(tmp_path):
+    """Train, shrink to the committed form (bf16 Adam moments), resume on a 'fresh clone'
+    (another out folder, another process count): the step count goes on and the loss does not
+    restart from the untrained model's."""
+    data = write_cache(tmp_path / "w.npz")
+    config = tiny_config(tmp_path / "tiny.toml")
+    config.write_text(config.read_text() + "lr = 3e-3\n")
+    first = tmp_path / "first"
+    base = ["--config", str(config), "--data", str(data), "--quiet", "--threads", "1"]
+    train.main([*base, "--out", str(first), "--max-steps", "40"])
+    snap = tmp_path / "checkpoints" / "clsm.pt"
+    snapshot.write_snapshot(first / "ckpt.pt", snap)
+    state = train.load_checkpoint(snap)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+
+    fresh = tmp_path / "fresh"
+    run_torchrun([*base, "--out", str(fresh), "--max-steps", "44", "--resume", str(snap)], nproc=2)
+    resumed = [json.loads(line) for line in (fresh / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [41, 42, 43, 44]
+    before = [json.loads(line) for line in (first / "log.jsonl").read_text().splitlines()]
+    start_loss = sum(r["rec"] for r in before[:4]) / 4
+    end_loss = sum(r["rec"] for r in before[-4:]) / 4
+    resumed_loss = sum(r["rec"] for r in resumed) / 4
+    assert end_loss < start_loss - 0.1  # the tiny model did learn something in 40 steps
+    assert abs(resumed_loss - end_loss) < abs(resumed_loss - start_loss)
+
+
+def test_resume_names_a_missing_snapshot(tmp_path):
+    data = write_cache(tmp_path / "w.npz")
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        train.main(["--config", str(tiny_config(tmp_path / "t.toml")), "--data", str(data),
+                    "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "missing.pt")])

@@ -104,7 +104,8 @@ class LSTMVAE(nn.Module):
         h, _ = self.dec(self.embed(y), self.state(z))
         return self.head(h)
 
-    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0):
+    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0,
+                free_bits: float = 0.0):
         mean, logvar = self.encoder(x, start, length)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         kl = (0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
@@ -177,7 +178,7 @@ class TransformerLM(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
 
     def forward(self, x: torch.Tensor, start: torch.Tensor | None = None, length: int = 0,
-                beta: float = 0.0):
+                beta: float = 0.0, free_bits: float = 0.0):
         logits = self.logits(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x.reshape(-1))
         acc = (logits.argmax(-1) == x).float().mean()

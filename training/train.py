@@ -1,10 +1,16 @@
 """Train the CLSM (paper Sec. 3): python -m training.train --config configs/default.toml
---data cache/windows.npz --out runs/NAME [--max-steps N] [--minutes M] [--resume]
+--data cache/windows.npz --out runs/NAME [--max-steps N] [--minutes M] [--resume [CKPT]]
+
+Data parallel on both cores (or several machines, see training/distributed.py):
+    torchrun --standalone --nproc-per-node 2 -m training.train --threads 1 ...
+[train] batch_size is per process, so 2 processes at 32 make the paper's batch of 64.
 
 Per batch: |xT| uniform in {16, 32, 48, 64}, |xCL| uniform in {0, 16, ..., 128 - |xT|} per window,
 a random valid transposition per window, loss (1/|xT|) Lrec + beta * KL with beta annealed
-linearly from 0, Adam. Checkpoints are one dict {model, optimizer, model_args, step, config,
-metrics} written atomically and loadable with torch.load(weights_only=True).
+linearly from 0 (over [train] beta_anneal_steps; optionally with free bits: the KL term is
+max(KL, free_bits) so the optimiser stops squeezing z below that many nats), Adam.
+Checkpoints are one dict {model, optimizer, model_args, step, config, metrics, torch_rng} written
+atomically and loadable with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from tqdm import tqdm
 from daemon.config import DEFAULT_PATH, merge, read_toml
 from engine import tokens as tk
 from engine.model import CLSM, CLSMConfig, count_parameters
+from training import distributed as ddp
 from training.data import load_windows, random_transpositions
 
 log = logging.getLogger("training.train")
@@ -55,8 +63,10 @@ def bf16_available() -> bool:
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
                     config: dict, metrics: dict) -> None:
     """Atomic: write a temp file, then rename over the old checkpoint."""
+    model = ddp.unwrap(model)
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-            "model_args": model.model_args(), "step": step, "config": config, "metrics": metrics}
+            "model_args": model.model_args(), "step": step, "config": config, "metrics": metrics,
+            "torch_rng": torch.get_rng_state()}
     tmp = path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -70,6 +80,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def validate(model: torch.nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
              target_bars: list[int], autocast: bool = False) -> dict:
     """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
+    model = ddp.unwrap(model)
     model.eval()
     rng = np.random.default_rng(seed)
     parts_sum: dict[str, float] = {}
@@ -85,50 +96,99 @@ def validate(model: torch.nn.Module, valid: np.ndarray, seed: int, n_batches: in
     return parts_sum
 
 
+class StopRequest:
+    """SIGTERM / SIGINT end the run at the next step with a checkpoint, instead of losing the
+    minutes since the last one (torchrun forwards the signal to every rank)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopRequest:
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        log.info("signal %d: stopping after this step", signum)
+        self.requested = True
+
+
+def beta_at(step: int, tcfg: dict) -> float:
+    return tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
+
+
 def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: np.ndarray,
                   valid_w: np.ndarray, rng: np.random.Generator, *, tcfg: dict, config: dict,
                   out: Path, step: int = 0, max_steps: int | None = None,
                   minutes: float | None = None, autocast: bool = False,
                   quiet: bool = False) -> tuple[int, dict]:
-    """The paper's training loop for any model whose forward is (x, start, length, beta) ->
-    (loss, parts): target sampling, beta annealing, validation, periodic atomic checkpoints to
-    out/ckpt.pt and one JSON line a step in out/log.jsonl. Returns the step and the metrics."""
+    """The paper's training loop for any model whose forward is (x, start, length, beta,
+    free_bits) -> (loss, parts): target sampling, beta annealing, validation, periodic atomic
+    checkpoints to out/ckpt.pt and one JSON line a step in out/log.jsonl (rank 0 only when
+    distributed). Returns the step and the metrics."""
+    main = ddp.is_main()
     ckpt_path = out / "ckpt.pt"
     deadline = time.monotonic() + 60 * minutes if minutes else float("inf")
     last_ckpt = time.monotonic()
     metrics: dict = {}
     seen, t0 = 0, time.monotonic()
-    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, disable=quiet)
-    with (out / "log.jsonl").open("a") as logf:
-        while (max_steps is None or step < max_steps) and time.monotonic() < deadline:
-            x = make_batch(train_w, rng, tcfg["batch_size"])
-            start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
-            beta = tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = model(x, start, length, beta=beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += len(x)
-            rate = seen / (time.monotonic() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
-                            acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
-            record = {"step": step, "beta": beta, "windows_per_s": rate, **parts}
-            if step % tcfg["valid_every"] == 0:
-                record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
-                                           tcfg["target_bars"], autocast)
-                metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
-                log.info("step %d valid %s", step, record["valid"])
-            logf.write(json.dumps(record) + "\n")
-            if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
-                save_checkpoint(ckpt_path, model, opt, step, config, metrics)
-                last_ckpt = time.monotonic()
-    bar.close()
+    world = ddp.world_size()
+    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True, disable=quiet or not main)
+    logf = (out / "log.jsonl").open("a") if main else None
+    try:
+        with StopRequest() as stop:
+            while not ddp.any_rank(stop.requested or time.monotonic() >= deadline
+                                   or (max_steps is not None and step >= max_steps)):
+                x = make_batch(train_w, rng, tcfg["batch_size"])
+                start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
+                beta = beta_at(step, tcfg)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss, parts = model(x, start, length, beta=beta,
+                                        free_bits=tcfg.get("free_bits", 0.0))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                seen += len(x) * world
+                rate = seen / (time.monotonic() - t0)
+                if not main:
+                    continue
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
+                                acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
+                record = {"step": step, "beta": beta, "windows_per_s": rate, "processes": world, **parts}
+                if step % tcfg["valid_every"] == 0:
+                    record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
+                                               tcfg["target_bars"], autocast)
+                    metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
+                    log.info("step %d valid %s", step, record["valid"])
+                logf.write(json.dumps(record) + "\n")
+                if time.monotonic() - last_ckpt > 60 * tcfg["checkpoint_minutes"]:
+                    logf.flush()
+                    save_checkpoint(ckpt_path, model, opt, step, config, metrics)
+                    last_ckpt = time.monotonic()
+    finally:
+        bar.close()
+        if logf:
+            logf.close()
     elapsed = time.monotonic() - t0
-    metrics.update(windows=seen, seconds=elapsed, windows_per_s=seen / max(1e-9, elapsed))
+    metrics.update(windows=seen, seconds=elapsed, windows_per_s=seen / max(1e-9, elapsed),
+                   processes=world, rank_weights=ddp.weight_fingerprints(model))
     return step, metrics
+
+
+def resume_path(args: argparse.Namespace, out: Path) -> Path | None:
+    """--resume alone: out/ckpt.pt if there is one; --resume CKPT: that file (e.g. the state
+    committed under checkpoints/, to continue on a fresh clone)."""
+    if args.resume is None:
+        return None
+    path = Path(args.resume) if args.resume else out / "ckpt.pt"
+    if args.resume and not path.exists():
+        raise SystemExit(f"--resume {path}: no such checkpoint")
+    return path if path.exists() else None
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -138,36 +198,49 @@ def train(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     torch.set_num_threads(args.threads or tcfg["threads"])
-    torch.manual_seed(tcfg["seed"])
-    rng = np.random.default_rng(tcfg["seed"])
+    with ddp.process_group():
+        torch.manual_seed(tcfg["seed"])
+        rng = np.random.default_rng([tcfg["seed"], ddp.rank()])
 
-    train_w, valid_w = load_windows(args.data, "train"), load_windows(args.data, "valid")
-    if len(train_w) == 0:
-        raise SystemExit(f"{args.data} has no training windows; run training.prepare first")
-    if len(valid_w) == 0:
-        valid_w = train_w[:256]
+        train_w, valid_w = load_windows(args.data, "train"), load_windows(args.data, "valid")
+        if len(train_w) == 0:
+            raise SystemExit(f"{args.data} has no training windows; run training.prepare first")
+        if len(valid_w) == 0:
+            valid_w = train_w[:256]
 
-    model = CLSM(CLSMConfig.from_dict(config["model"]))
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
-    step = 0
-    if args.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        model = CLSM.from_checkpoint(ckpt)
+        model = CLSM(CLSMConfig.from_dict(config["model"]))
+        step = 0
+        resume = resume_path(args, out)
+        ckpt = load_checkpoint(resume) if resume else None
+        if ckpt is not None:
+            model = CLSM.from_checkpoint(ckpt)
+            step = ckpt["step"]
+            if "torch_rng" in ckpt:
+                torch.set_rng_state(ckpt["torch_rng"])
+            torch.manual_seed(int(torch.randint(2**31, (1,))) + ddp.rank())
+            # A fresh but reproducible stream per (step, rank): resuming with another
+            # process count is allowed, so the old streams cannot simply continue.
+            rng = np.random.default_rng([tcfg["seed"], step, ddp.rank()])
+            log.info("resumed from %s at step %d", resume, step)
+        model = ddp.wrap(model)
         opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        rng = np.random.default_rng([tcfg["seed"], step])  # fresh but reproducible stream
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    autocast = tcfg["bf16"] and not args.no_bf16 and bf16_available()
-    log.info("CLSM with %d parameters; %d train / %d valid windows; bf16 autocast %s",
-             count_parameters(model), len(train_w), len(valid_w), autocast)
+        if ckpt is not None:
+            opt.load_state_dict(ckpt["optimizer"])  # casts bf16 snapshot moments back to fp32
+        autocast = tcfg["bf16"] and not args.no_bf16 and bf16_available()
+        if ddp.is_main():
+            log.info("CLSM with %d parameters; %d train / %d valid windows; bf16 autocast %s; "
+                     "%d process(es)", count_parameters(model), len(train_w), len(valid_w),
+                     autocast, ddp.world_size())
 
-    step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
-                                  out=out, step=step, max_steps=args.max_steps,
-                                  minutes=args.minutes, autocast=autocast, quiet=args.quiet)
-    save_checkpoint(ckpt_path, model, opt, step, config, metrics)
-    print(f"step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
-          f"= {metrics['windows_per_s']:.1f} windows/s; checkpoint {ckpt_path}")
+        step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
+                                      out=out, step=step, max_steps=args.max_steps,
+                                      minutes=args.minutes, autocast=autocast, quiet=args.quiet)
+        if ddp.is_main():
+            save_checkpoint(ckpt_path, model, opt, step, config, metrics)
+            print(f"step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
+                  f"= {metrics['windows_per_s']:.1f} windows/s on {metrics['processes']} "
+                  f"process(es); checkpoint {ckpt_path}")
+        ddp.barrier()
     return ckpt_path
 
 
@@ -186,7 +259,8 @@ def run_arguments(description: str, default_threads: int | None) -> argparse.Arg
 
 def main(argv: list[str] | None = None) -> None:
     p = run_arguments(__doc__.splitlines()[0], default_threads=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from out/ckpt.pt, or from CKPT (a committed snapshot)")
     p.add_argument("--no-bf16", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

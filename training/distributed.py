@@ -1,0 +1,83 @@
+"""Data-parallel training with torchrun (PyTorch DDP over gloo, CPU).
+
+    torchrun --standalone --nproc-per-node 2 -m training.train ...          # one machine
+    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29400 --rdzv-id clsm -m training.train ...     # several machines
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op and the
+run is a plain single process. Every rank draws its own batches (its own seed stream) and DDP
+averages the gradients, so each rank holds identical weights after every step; rank 0 alone
+logs, validates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@contextmanager
+def process_group():
+    """Join torchrun's process group if launched by torchrun; always leave it on the way out."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not dist.is_initialized():
+        # Rank 0 validates and checkpoints while the others wait in the next all-reduce.
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    try:
+        yield
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the model when distributed (it broadcasts rank 0's weights on entry)."""
+    if not dist.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any: ranks stop together (deadline, signal)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def weight_fingerprints(model: torch.nn.Module) -> list[float]:
+    """Every rank's checksum of its weights, gathered (one entry per rank): equal entries mean
+    the ranks hold the same model, which DDP promises and a test checks."""
+    with torch.no_grad():
+        local = torch.stack([p.double().sum() + (p.double() ** 2).sum() for p in unwrap(model).parameters()]).sum()
+    if not dist.is_initialized():
+        return [float(local)]
+    gathered = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather(gathered, local)
+    return [float(t) for t in gathered]
