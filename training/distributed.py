@@ -75,7 +75,8 @@ def weight_fingerprints(model: torch.nn.Module) -> list[float]:
     """Every rank's checksum of its weights, gathered (one entry per rank): equal entries mean
     the ranks hold the same model, which DDP promises and a test checks."""
     with torch.no_grad():
-        local = torch.stack([p.double().sum() + (p.double() ** 2).sum() for p in unwrap(model).parameters()]).sum()
+        params = unwrap(model).parameters()
+        local = torch.stack([p.double().sum() + (p.double() ** 2).sum() for p in params]).sum()
     if not dist.is_initialized():
         return [float(local)]
     gathered = [torch.zeros_like(local) for _ in range(world_size())]
