@@ -7,6 +7,9 @@ engine's results back to `apply`. Positions are absolute transport steps (16 per
 
 - loop: absolute bar b lives in buffer slot b % 8. A bar the player plays into during a pass
   becomes the player's (the co-performer stops there at once) and is rewritten by that take.
+- hand-over: a co-performer bar is claimed only by a note onset inside it. A note held over its
+  line claims nothing and silences nothing (released within the quantizer's tolerance of the
+  line it never even sounds there); in an empty or player bar a held note records as usual.
 - follow: the buffer is the window of the last 8 bars (slot 7 = the bar now playing) and rolls
   at each bar line. A regenerate of N bars targets the N bars after the next bar line; they
   wait in `_upcoming` until the window rolls onto them.
@@ -80,6 +83,7 @@ class Performance:
         self._base = -(N_BARS - 1)  # follow: absolute bar of slot 0
         self._upcoming: dict[int, Bar] = {}  # follow: absolute bar -> bar not yet in the window
         self._touched: set[int] = set()  # absolute bars the player is recording into
+        self._recent: dict[int, int] = {}  # absolute step -> final token, last two bars
         self._position = 0.0
         self._histories: dict[tuple, History] = {}
         self._follow_key: tuple | None = None  # follow: history of the latest response
@@ -124,13 +128,19 @@ class Performance:
         bar = self._bar_at(abs_bar, create=True)
         if bar is None:
             return
-        bar.tokens[:] = [REST] * STEPS_PER_BAR
+        first = abs_bar * STEPS_PER_BAR
+        # Steps of this take already final in the bar (a note held over its line) stay.
+        bar.tokens[:] = [self._recent.get(first + i, REST) for i in range(STEPS_PER_BAR)]
         bar.owner, bar.version = "player", self._new_version()
         self._touched.add(abs_bar)
 
     def _write(self, step: int, token: int) -> None:
         abs_bar = step // STEPS_PER_BAR
-        if token != REST:
+        self._recent[step] = token
+        self._recent.pop(step - 2 * STEPS_PER_BAR, None)
+        bar = self._bar_at(abs_bar)
+        # Only an onset (note_on) claims a co-performer bar; sound held over its line does not.
+        if token != REST and (bar is None or bar.owner != "coperformer"):
             self._touch(abs_bar)
         if abs_bar in self._touched and (bar := self._bar_at(abs_bar)) is not None:
             bar.tokens[step % STEPS_PER_BAR] = token
@@ -176,8 +186,6 @@ class Performance:
             self._roll()
         for step, token in self._quant.advance(position):
             self._write(step, token)
-        if self._quant.sounding():  # a note held over the bar line claims the new bar now
-            self._touch(self._quant.next_step // STEPS_PER_BAR)
         # Bars whose steps are all final can take no more of this take.
         done = self._quant.next_step // STEPS_PER_BAR
         self._touched = {b for b in self._touched if b >= done}
@@ -187,6 +195,7 @@ class Performance:
         position = check_position(position)
         self._quant.reset(position)
         self._touched.clear()
+        self._recent.clear()
         self._position = position
         if self.mode == "follow":
             # Pending responses were placed on the old timeline.
@@ -215,10 +224,6 @@ class Performance:
         abs_bar = step // STEPS_PER_BAR
         bar = self._bar_at(abs_bar)
         if bar is None or bar.owner != "coperformer" or abs_bar in self._touched:
-            return None
-        if self._quant.holds_at(step):
-            # The clock plans a step before advance() reaches it: a note held over the bar
-            # line already silences the co-performer there.
             return None
         return bar.tokens[step % STEPS_PER_BAR], bar.version
 

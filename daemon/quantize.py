@@ -113,10 +113,6 @@ class Quantizer:
         """Is a note held into the next step (so that step's bar is the player's)?"""
         return any(n.sounds_at(self._next) for n in self._notes)
 
-    def holds_at(self, step: int) -> bool:
-        """Will a note still held down sound at `step` (asked before that step is final)?"""
-        return any(n.end is None and n.onset <= step < n.cap for n in self._notes)
-
     def _pick(self, candidates: list[_Live]) -> _Live:
         if self.polyphony == "highest":
             return max(candidates, key=lambda n: (fold_pitch(n.pitch), n.onset, n.seq))

@@ -2,7 +2,9 @@
 
 Tokens are a deterministic function of z, and z of the seed, so: the same seed gives the
 same candidate, interpolation at alpha 0 / 1 gives back A / B, and `period` makes seeds
-repeat (seed % period) to exercise the re-roll rule. Every call is recorded.
+repeat (seed % period) to exercise the re-roll rule. Every call is recorded. Temperature 0
+(argmax) gives what the real model's argmax decodes sound like: long notes, here one held
+through each bar (hand-over and mid-bar tests need notes that hold).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.tokens import N_SYMBOLS, SEQ_LEN, STEPS_PER_BAR, target_steps
+from engine.tokens import HOLD, N_PITCHES, N_SYMBOLS, SEQ_LEN, STEPS_PER_BAR, target_steps
 
 
 class FakeEngineError(ValueError):
@@ -53,19 +55,26 @@ class FakeEngine:
             seed %= self.period
         return np.random.default_rng(seed).standard_normal(self.d_z)
 
-    def _gen(self, z: np.ndarray, first_bar: int, last_bar: int) -> FakeGeneration:
+    def _gen(self, z: np.ndarray, first_bar: int, last_bar: int,
+             legato: bool = False) -> FakeGeneration:
         n = (last_bar - first_bar + 1) * STEPS_PER_BAR
         # A hash of the rounded latent: equal z -> equal tokens, different z -> different.
         digest = zlib.crc32(np.round(z, 6).tobytes())
         rng = np.random.default_rng(digest)
-        tokens = [int(t) for t in rng.integers(0, N_SYMBOLS, n)]
+        if legato:  # one pitch per bar, held to the bar's end
+            pitches = rng.integers(0, N_PITCHES, n // STEPS_PER_BAR)
+            tokens = [int(p) if i % STEPS_PER_BAR == 0 else HOLD
+                      for p in pitches for i in range(STEPS_PER_BAR)]
+        else:
+            tokens = [int(t) for t in rng.integers(0, N_SYMBOLS, n)]
         return FakeGeneration(tokens, first_bar, last_bar, z.copy())
 
     def infill(self, tokens, first_bar, last_bar, *, seed=None, z=None, temperature=None):
         self.calls.append(("infill", {"first_bar": first_bar, "last_bar": last_bar, "seed": seed,
                                       "temperature": temperature, "tokens": list(tokens)}))
         self._check(tokens, first_bar, last_bar)
-        return self._gen(self._z(seed) if z is None else np.asarray(z), first_bar, last_bar)
+        return self._gen(self._z(seed) if z is None else np.asarray(z), first_bar, last_bar,
+                         legato=temperature == 0)
 
     def interpolate(self, tokens, first_bar, last_bar, z_a, z_b, alphas):
         self.calls.append(("interpolate", {"first_bar": first_bar, "last_bar": last_bar,

@@ -137,6 +137,11 @@ class Recorder:
         with self._lock:
             return [(t, m) for t, m in self.received if not types or m.type in types]
 
+    def messages_from(self, index: int) -> Messages:
+        """Messages received from position `index` on (cheap incremental reads)."""
+        with self._lock:
+            return self.received[index:]
+
     def wait_for(self, predicate: Callable[[Messages], bool], timeout: float = 10.0) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:

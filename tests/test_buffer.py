@@ -352,16 +352,6 @@ def test_follow_histories_are_forgotten_once_their_bars_roll_out():
     assert perf.snapshot()["history"]["length"] == 0 and perf._histories == {}
 
 
-def test_note_held_over_the_bar_line_silences_the_next_bar_before_the_clock_gets_there():
-    perf = Performance(target=(2, 1))
-    generate(perf, FakeEngine(), seed=3)
-    perf.note_on(60, 90, 10.0)
-    play(perf, [], until=15)  # planning step 16 happens before advance(16)
-    assert perf.output_token(16) is None
-    perf.note_off(60, 15.2)
-    assert perf.output_token(16) is not None  # released in time: the bar stays the co-performer's
-
-
 def test_follow_regenerate_can_change_the_length_alone():
     # Follow mode has no start bar: {"bars": 3} must not fail on the 1-bar target's start (8).
     perf = Performance(mode="follow", target=(1, 1))

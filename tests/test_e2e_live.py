@@ -1,0 +1,120 @@
+"""Live feel through JACK (issue 11): hand-overs at the bar line, regeneration mid-bar.
+
+The daemon sends MIDI clock; the test times its own notes off the ticks it receives (the first
+tick of step k follows step k's notes), so "a few ms after the bar line" is measured against the
+daemon's own grid. Steps of the output are read off the tick count, as in test_e2e_jack.py.
+The fake engine at temperature 0 (CC 86 = 0) plays one note held through each bar.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from pathlib import Path
+
+import mido
+import pytest
+
+from engine.tokens import PITCH_MIN, STEPS_PER_BAR
+from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
+from tests.test_e2e_jack import Daemon, cc, out_notes
+
+pytestmark = pytest.mark.jack
+BPM = 150.0
+STEP_S = 60.0 / BPM / 4  # 100 ms: the quantizer's tolerance is half of it
+TICKS = 6  # MIDI clock ticks per step
+PASS = 8 * STEPS_PER_BAR
+
+
+class Ticks:
+    """Counts the daemon's clock ticks since its last Start, reading new messages only."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec, self.index, self.count = rec, 0, -1  # -1: no Start seen yet
+
+    def poll(self) -> int:
+        for _, m in self.rec.messages_from(self.index):
+            self.index += 1
+            if m.type == "start":
+                self.count = 0
+            elif m.type == "clock" and self.count >= 0:
+                self.count += 1
+        return self.count
+
+    def wait(self, step: float, timeout: float = 30.0) -> float:
+        """Until the tick at `step` (a multiple of 1/6) has arrived; returns when it was seen."""
+        want = round(step * TICKS) + 1
+        end = time.monotonic() + timeout
+        while self.poll() < want:
+            if time.monotonic() > end:
+                raise AssertionError(f"tick of step {step} never came ({self.count} ticks)")
+            time.sleep(0.0003)
+        return time.monotonic()
+
+
+def start_daemon(tmp_path: Path) -> Daemon:
+    d = Daemon(tmp_path, "--bpm", str(BPM), "--engine-worker", "thread",
+               config="[clock]\nsend_clock = true\n")
+    d.wait_log("ready:")
+    d.rec.send(cc(31, 0))  # transport stop: the next start is seen by the recorder
+    d.wait_log("all notes off (stop)")
+    return d
+
+
+def regenerate(d: Daemon, bar: int, seed: int, count: int = 1) -> list[int]:
+    """Seed, argmax, 1-bar target at `bar`, regenerate; the candidate's tokens."""
+    d.rec.send(cc(85, seed))
+    d.rec.send(cc(86, 0))  # temperature 0: the fake engine's long notes
+    d.rec.send(cc(20, (bar - 1) * 16))
+    d.rec.send(cc(21, 0))
+    d.rec.send(cc(22, 127))
+    d.rec.send(cc(22, 0))
+    d.wait_log("'action': 'regenerate'", count=count)
+    line = [x for x in d.log if "'action': 'regenerate'" in x][count - 1]
+    result = ast.literal_eval(line[line.index("{"):])
+    assert result["ok"], line
+    return result["tokens"]
+
+
+def note(kind: str, pitch: int) -> mido.Message:
+    return mido.Message(kind, channel=0, note=pitch, velocity=90 if kind == "note_on" else 0)
+
+
+def ons_at(d: Daemon, step: int) -> list[int]:
+    return [m.note for t, m in out_notes(d.rec.messages())
+            if m.type == "note_on" and m.velocity > 0 and t == step * TICKS]
+
+
+def test_legato_hand_over_keeps_the_coperformer_bar(jack_server, tmp_path) -> None:  # noqa: F811
+    d = start_daemon(tmp_path)
+    ticks = Ticks(d.rec)
+    line = 4 * STEPS_PER_BAR  # bar 5's downbeat
+    try:
+        tokens = regenerate(d, bar=5, seed=3)
+        first = tokens[0] + PITCH_MIN
+        d.rec.send(cc(31, 127))
+        # Pass 1: a note from bar 4 step 8, released just after bar 5's line (well within half a
+        # step: the tick arrives and the release goes back through JACK, a few ms each way).
+        ticks.wait(line - 8)
+        d.rec.send(note("note_on", 48))
+        ticks.wait(line)
+        d.rec.send(note("note_off", 48))
+        # Pass 2: the same, released about 8 ms before the line.
+        ticks.wait(PASS + line - 8)
+        d.rec.send(note("note_on", 48))
+        seen = ticks.wait(PASS + line - 0.5)
+        while time.monotonic() < seen + STEP_S / 2 - 0.008:
+            time.sleep(0.0005)
+        d.rec.send(note("note_off", 48))
+        ticks.wait(PASS + line + STEPS_PER_BAR + 1)
+        d.rec.send(cc(31, 0))
+        d.wait_log("all notes off (stop)", count=2)
+        time.sleep(0.2)
+    finally:
+        rc = d.stop()
+    assert rc == 0
+    log = "".join(d.log[-30:])
+    for step in (line, PASS + line):
+        assert ons_at(d, step) == [first], (
+            f"bar 5's note {first} did not start at step {step}: {ons_at(d, step)}; log:\n{log}")
+    assert sounding_after(d.rec.messages()) == set()
