@@ -35,6 +35,16 @@ from engine import tokens as tk
 from engine.model import Decoder, DecoderLayer, Prior, replace_target
 
 
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with -inf outside the nucleus: the fewest most likely tokens whose probabilities
+    reach top_p (Holtzman et al. 2020); the most likely token always stays."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
 class LatentPart(nn.Module):
     """p(w | xC, tau) and the flow f: z -> w (both directions), batch-first."""
 
@@ -178,12 +188,13 @@ class CachedDecoder(nn.Module):
         self.ln, self.head = copy.deepcopy(decoder.ln), copy.deepcopy(decoder.head)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int,
-                temperature: float = 0.0,
-                gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                temperature: float = 0.0, gumbel: torch.Tensor | None = None,
+                top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B or 1, 128) tokens (target positions ignored), z (B, dz); the target is
         x[:, start:start+length]; x with batch 1 is shared by every z (interpolation).
         Argmax, or with temperature > 0 and gumbel (B, length, n_out) Gumbel noise, a sample
-        from softmax(logits / temperature). Returns tokens (B, length) and the logits they
+        from softmax(logits / temperature), restricted to the top_p nucleus when top_p < 1.
+        Returns tokens (B, length) and the logits they
         were chosen from (B, length, n_out)."""
         B = z.size(0)
         n = self.n_pos
@@ -214,7 +225,10 @@ class CachedDecoder(nn.Module):
         for k in range(length):
             out_logits[:, k] = logits
             if gumbel is not None and temperature > 0.0:
-                token = (logits / temperature + gumbel[:, k]).argmax(-1)
+                scaled = logits / temperature
+                if top_p < 1.0:
+                    scaled = nucleus(scaled, top_p)
+                token = (scaled + gumbel[:, k]).argmax(-1)
             else:
                 token = logits.argmax(-1)
             out_tokens[:, k] = token

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from engine import tokens as tk
-from engine.decoding import CachedDecoder
+from engine.decoding import CachedDecoder, nucleus
 from engine.model import CLSM, CLSMConfig
 from tests.midi_factory import Track, scale_melody, write_midi
 from training import baselines, evaluate
-from training.baselines import LSTMVAE, LMConfig, TransformerLM, VAEConfig, checkpoint_kind, load_model
+from training.baselines import LMConfig, PaperVAE, TransformerLM, VAEConfig, checkpoint_kind, load_model
 from training.data import SPLITS
+from training.eval_models import Decoding
 from training.train import load_checkpoint, save_checkpoint
 
 TINY_CLSM = CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16, d_flow=32,
@@ -48,7 +49,7 @@ def tiny_files(tmp_path) -> dict[str, Path]:
     return {
         "data": write_cache(tmp_path / "w.npz"),
         "clsm": write_tiny(tmp_path / "clsm.pt", CLSM(TINY_CLSM)),
-        "vae": write_tiny(tmp_path / "vae.pt", LSTMVAE(TINY_VAE)),
+        "vae": write_tiny(tmp_path / "vae.pt", PaperVAE(TINY_VAE)),
         "lm": write_tiny(tmp_path / "lm.pt", TransformerLM(TINY_LM)),
     }
 
@@ -58,40 +59,82 @@ def run_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_json_has_every_field_and_is_seeded(tiny_files, capsys):
+PAPER_FIELDS = ("recon_acc", "prior_sample_acc", "R2", "R4", "R8", "lm_nll")
+PLAYER_FIELDS = ("onset_rate", "hold_share", "rest_share", "pc_fit", "pc_overlap",
+                 "rerolls_distinct", "rerolls_distance", "interp_distinct", "interp_distinct_argmax",
+                 "vary_change_0.5", "vary_change_1.0", "vary_ge15_1.0")
+
+
+def write_two_set_cache(path: Path, n: int = 6) -> Path:
+    """Like write_cache, with songs of two data sets (as training.prepare names them)."""
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, tk.N_SYMBOLS, size=(n * len(SPLITS), tk.SEQ_LEN)).astype(np.uint8)
+    split = np.repeat(np.arange(len(SPLITS)), n).astype(np.uint8)
+    i = np.arange(len(windows))
+    song = ((i % 2) * 2 + (i // 2) % 2).astype(np.int32)  # both sets in every split
+    songs = np.array(["pop909/001", "pop909/002", "nottingham/a", "nottingham/b"])
+    np.savez(path, windows=windows, split=split, split_names=np.array(SPLITS), song=song,
+             songs=songs, meta=np.array(json.dumps({})))
+    return path
+
+
+@pytest.mark.parametrize("decoding", ["argmax", "top_p=0.9,temperature=1.2"])
+def test_json_has_every_field_per_set_and_case_and_is_seeded(tmp_path, tiny_files, capsys, decoding):
     f = tiny_files
+    data = write_two_set_cache(tmp_path / "two.npz")
     argv = ["--checkpoint", str(f["clsm"]), "--baseline", str(f["vae"]), "--lm", str(f["lm"]),
-            "--data", str(f["data"]), "--n", "5", "--batch", "2", "--seed", "3"]
+            "--data", str(data), "--n", "3", "--batch", "2", "--seed", "3", "--decoding", decoding]
     out = run_json(capsys, argv)
-    assert out["settings"]["n"] == 5 and out["settings"]["split"] == "test"
-    for key in ("lm_nll_target", "lm_nll_window"):
-        assert out["reference"][key] > 0
-    assert 0.0 <= out["reference"]["onset_rate"] <= 1.0
-    for name in ("clsm", "vae"):
-        r = out[name]
-        assert r["kind"] == name
-        for key in ("recon_acc_general", "recon_acc_left"):
-            assert 0.0 <= r[key] <= 1.0
-        for J in (2, 4, 8):
-            assert r[f"R{J}_pairs"] + r[f"R{J}_excluded"] == 5
-            assert r[f"R{J}"] is None or r[f"R{J}"] >= 1.0  # triangle inequality
-        assert r["lm_nll_target"] > 0 and r["lm_nll_window"] > 0
-        assert 0.0 <= r["onset_rate"] <= 1.0
+    assert out["settings"]["decoding"] == decoding and out["settings"]["split"] == "test"
+    assert set(out["reference"]) == {"pop909", "nottingham"}
+    for ds in ("pop909", "nottingham"):
+        for case in ("left", "other"):
+            ref = out["reference"][ds][case]
+            assert ref["lm_nll"] > 0 and 0.0 <= ref["onset_rate"] <= 1.0
+            for name, kind in (("clsm", "clsm"), ("vae", "vae")):
+                r = out["models"][name]["results"][ds][case]
+                assert out["models"][name]["kind"] == kind and r["n"] == 3
+                for key in PAPER_FIELDS + PLAYER_FIELDS:
+                    assert key in r, key
+                for J in (2, 4, 8):
+                    assert r[f"R{J}_pairs"] + r[f"R{J}_excluded"] == 3
+                    assert r[f"R{J}"] is None or r[f"R{J}"] >= 1 / J  # 1/J = perfectly even
+                assert 0.0 <= r["recon_acc"] <= 1.0 and r["lm_nll"] > 0
+                assert 1 <= r["rerolls_distinct"] <= 8 and 1 <= r["interp_distinct"] <= 9
+                assert abs(r["onset_rate"] + r["hold_share"] + r["rest_share"] - 1.0) < 1e-9
     assert run_json(capsys, argv) == out  # same seed, same numbers
 
 
 def test_without_baseline_and_lm_fields_are_null(tiny_files, capsys):
     out = run_json(capsys, ["--checkpoint", str(tiny_files["clsm"]), "--data",
                             str(tiny_files["data"]), "--n", "2", "--batch", "2"])
-    assert out["vae"] is None
-    assert out["clsm"]["lm_nll_target"] is None and out["reference"]["lm_nll_window"] is None
+    assert list(out["models"]) == ["clsm"]
+    (ds,) = out["reference"]
+    assert out["models"]["clsm"]["results"][ds]["left"]["lm_nll"] is None
+    assert out["reference"][ds]["other"]["lm_nll"] is None
 
 
 def test_midi_folder_as_data(tmp_path, tiny_files, capsys):
     write_midi(tmp_path / "midi" / "song.mid", [Track(scale_melody(10), name="melody")])
     out = run_json(capsys, ["--checkpoint", str(tiny_files["clsm"]), "--data",
                             str(tmp_path / "midi"), "--n", "2", "--batch", "2"])
-    assert out["settings"]["n"] == 2  # 10 bars -> 3 windows, 2 drawn
+    assert out["models"]["clsm"]["results"]["midi"]["left"]["n"] == 2  # 10 bars -> 3 windows
+
+
+def test_model_folder_as_checkpoint(folder, tiny_files, capsys):
+    out = run_json(capsys, ["--checkpoint", str(folder), "--data", str(tiny_files["data"]),
+                            "--n", "2", "--batch", "2"])
+    assert out["models"]["tiny"]["kind"] == "clsm"
+
+
+def test_plot_writes_png_per_data_set(tmp_path, tiny_files, capsys):
+    data = write_two_set_cache(tmp_path / "two.npz")
+    run_json(capsys, ["--checkpoint", str(tiny_files["clsm"]), "--baseline", str(tiny_files["vae"]),
+                      "--lm", str(tiny_files["lm"]), "--data", str(data), "--n", "2", "--batch",
+                      "2", "--plot", str(tmp_path / "plots")])
+    for ds in ("pop909", "nottingham"):
+        png = (tmp_path / "plots" / f"fig3b_{ds}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_lm_checkpoint_as_model_is_a_clear_error(tiny_files):
@@ -99,17 +142,73 @@ def test_lm_checkpoint_as_model_is_a_clear_error(tiny_files):
         evaluate.main(["--checkpoint", str(tiny_files["lm"]), "--data", str(tiny_files["data"])])
 
 
-def test_cached_decode_matches_reference_with_per_window_starts():
+@pytest.mark.parametrize("bad", ["greedy", "temperature=0", "top_p=1.5", "top_p"])
+def test_bad_decoding_is_a_clear_error(tiny_files, bad, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(tiny_files["clsm"]), "--data", str(tiny_files["data"]),
+                       "--decoding", bad])
+    assert "decoding" in capsys.readouterr().err or "top_p" in capsys.readouterr().err
+
+
+def test_decoding_parse_round_trip():
+    assert str(Decoding.parse("argmax")) == "argmax" and not Decoding.parse("argmax").sampling
+    d = Decoding.parse("top_p=0.9,temperature=0.8")
+    assert (d.top_p, d.temperature) == (0.9, 0.8) and str(Decoding.parse(str(d))) == str(d)
+
+
+def test_nucleus_keeps_the_fewest_tokens_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(nucleus(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.75
+    assert torch.isfinite(nucleus(logits, 1e-6)).sum() == 1  # the most likely always stays
+
+
+def test_cached_decoder_top_p_samples_only_inside_the_nucleus():
     model = CLSM(TINY_CLSM).eval()
-    x = torch.randint(0, tk.N_SYMBOLS, (4, tk.SEQ_LEN))
-    z = torch.randn(4, TINY_CLSM.d_z)
-    start = torch.tensor([0, 32, 96, 32])
-    naive = evaluate.decode(model, x, z, start, 32)
-    assert torch.equal(naive, evaluate.decode(model, x, z, start, 32, CachedDecoder(model.decoder).eval()))
+    dec = CachedDecoder(model.decoder).eval()
+    x = torch.randint(0, tk.N_SYMBOLS, (1, tk.SEQ_LEN))
+    z = torch.randn(64, TINY_CLSM.d_z)
+    gumbel = -(-torch.rand(64, 16, tk.N_SYMBOLS).clamp(1e-9, 1 - 1e-7).log()).log()
+    argmax, _ = dec(x, z, 32, 16)
+    tiny_p, _ = dec(x, z, 32, 16, 1.0, gumbel, 1e-6)
+    assert torch.equal(tiny_p, argmax)  # a nucleus of one token is argmax
+    sampled, logits = dec(x, z, 32, 16, 1.0, gumbel, 0.5)
+    allowed = torch.isfinite(nucleus(logits, 0.5))
+    assert allowed.gather(-1, sampled[..., None]).all()
 
 
-def test_vae_sees_only_the_left_context():
-    vae = LSTMVAE(TINY_VAE).eval()
+def test_vae_encoder_reads_the_whole_window():
+    vae = PaperVAE(TINY_VAE).eval()
+    x = torch.randint(0, tk.N_SYMBOLS, (2, tk.SEQ_LEN))
+    seen = []
+    vae.enc.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    for pos in (0, tk.SEQ_LEN - 1):  # the first and the last token of the window
+        other = x.clone()
+        other[:, pos] = (other[:, pos] + 1) % tk.N_SYMBOLS
+        assert not torch.allclose(vae.encoder(x, torch.tensor([32, 32]), 16)[0],
+                                  vae.encoder(other, torch.tensor([32, 32]), 16)[0])
+    assert all(shape[1] == tk.SEQ_LEN for shape in seen)  # the Bi-LSTM reads all 128 steps
+
+
+def test_vae_reconstructs_the_whole_window():
+    vae = PaperVAE(TINY_VAE).train()
+    x = torch.randint(0, tk.N_SYMBOLS, (2, tk.SEQ_LEN))
+    vae.zero_grad()
+    vae.logits(x, torch.zeros(2, TINY_VAE.d_z))[:, 0].sum().backward()
+    assert vae.head.weight.grad.abs().sum() > 0
+    loss, parts = vae(x, torch.tensor([32, 32]), 16, beta=0.4)
+    # the loss covers all 128 tokens: changing a token far from any target changes it
+    other = x.clone()
+    other[:, 127] = (other[:, 127] + 1) % tk.N_SYMBOLS
+    torch.manual_seed(0)
+    a = vae.eval()(x, torch.tensor([32, 32]), 16)[1]["rec"]
+    torch.manual_seed(0)
+    b = vae(other, torch.tensor([32, 32]), 16)[1]["rec"]
+    assert a != b
+
+
+def test_vae_infill_sees_only_the_left_context():
+    vae = PaperVAE(TINY_VAE).eval()
     x = torch.randint(0, tk.N_SYMBOLS, (2, tk.SEQ_LEN))
     z = torch.randn(2, TINY_VAE.d_z)
     other = x.clone()
@@ -127,7 +226,7 @@ def test_training_entry_writes_a_loadable_checkpoint(tmp_path, kind, monkeypatch
     data = write_cache(tmp_path / "w.npz", n_per_split=3)
     # Tiny sizes: the entry builds the default config, so shrink the defaults for this test.
     monkeypatch.setattr(baselines, "new_model",
-                        lambda k: LSTMVAE(TINY_VAE) if k == "vae" else TransformerLM(TINY_LM))
+                        lambda k, cfg: PaperVAE(TINY_VAE) if k == "vae" else TransformerLM(TINY_LM))
     baselines.main(["--kind", kind, "--data", str(data), "--out", str(tmp_path / kind),
                     "--max-steps", "2", "--quiet"])
     ckpt = load_checkpoint(tmp_path / kind / "ckpt.pt")

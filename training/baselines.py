@@ -1,20 +1,24 @@
-"""Baselines for the paper's evaluation (Akama, ISMIR 2021, Sec. 4): a Bi-LSTM/LSTM VAE that sees
-the left context only, and the 2-layer transformer LM that scores generated melodies.
+"""Baselines for the paper's evaluation (Akama, ISMIR 2021, Sec. 4): the paper's VAE (eqs. 9-11)
+and the 2-layer transformer LM that scores generated melodies.
 
     python -m training.baselines --kind vae|lm --data cache/windows.npz --out runs/NAME
-        [--minutes M] [--max-steps N] [--threads 1]
+        [--config configs/cpu.toml] [--gamma 0.4] [--anneal-steps N] [--minutes M]
+        [--max-steps N] [--threads 1]
 
-VAE baseline (what is implemented; the paper's eqs. 9-11 as remembered, sizes as the CLSM's):
-  encoder  q(z | xT)          embed xT -> 2-layer Bi-LSTM (256 per direction) -> [h_l; h_r]
-                              -> two SELU MLPs -> mean, log-variance (as the CLSM's trunk head)
+VAE baseline, the paper's eqs. 9-11 (sizes from the config's [model], i.e. equal to the CLSM's):
+  encoder  q(z | x)           embed the whole window x -> 2-layer Bi-LSTM -> [h_l; h_r]
+                              -> two SELU MLPs -> mean, log-variance (as the CLSM's encoder head)
   prior    p(z) = N(0, I)
-  decoder  p(xT | z, xCL)     (h0, c0) = tanh(Linear(z)) for each of 2 LSTM layers; the LSTM runs
-                              over [s, xCL, xT] (teacher forced) and Softmax(Linear(h_t)) predicts
-                              the next token; only target tokens are scored. The right context is
-                              never seen: the baseline cannot use it (the paper's point).
-  loss     (1/|xT|) Lrec + gamma * KL(q || N(0, I)), gamma annealed linearly from 0 with the
-           CLSM's [train] beta_kl / beta_anneal_steps, so both models get the same schedule.
-  interpolation: linear in z.
+  decoder  p(x | z)           (h0, c0) = tanh(Linear(z)) for each LSTM layer; an autoregressive
+                              LSTM over [s, x_0 .. x_126] (teacher forced) and Softmax(Linear(h_t))
+                              predicts x_t: the whole window is reconstructed.
+  loss     sum_t -log p(x_t | x_<t, z) + gamma * KL(q || N(0, I)) (analytic), the sum as in
+           eq. 10, divided by 128 so that logs read per token; gamma annealed linearly from 0
+           over --anneal-steps. The paper's grid is gamma in {0.1, ..., 1.0, 2.0}; 0.4 is its
+           comparison point (and the default).
+  infill / interpolation (eq. 11): xT is decoded given xCL only (the left context is fed,
+           then the target generated); the right context cannot be used. Interpolation is
+           linear in z between two draws of N(0, I).
 LM: causal 2-layer transformer (the CLSM's sizes: d 128, ff 256, 8 heads, learned positions) over
 [s, x_0..x_126] predicting x_0..x_127 (32 musical symbols), trained on lm_train, valid on lm_valid.
 
@@ -36,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import tokens as tk
-from engine.model import CLSM, count_parameters, gather_span, mlp
+from engine.decoding import nucleus
+from engine.model import CLSM, count_parameters, mlp
 from training.data import load_windows
 from training.train import (
     load_checkpoint,
@@ -48,6 +53,7 @@ from training.train import (
 )
 
 log = logging.getLogger("training.baselines")
+PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0)
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -68,28 +74,38 @@ class VAEConfig:
     def from_dict(cls, d: dict) -> VAEConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
+    @classmethod
+    def like_clsm(cls, model: dict) -> VAEConfig:
+        """The CLSM config's sizes ([model] of a TOML config)."""
+        return cls(d_embed=model["d_model"], d_lstm=model["d_lstm"],
+                   n_lstm_layers=model["n_lstm_layers"], d_mlp=model["d_mlp"], d_z=model["d_z"],
+                   dropout=model["dropout"])
 
-class LSTMVAE(nn.Module):
+
+class PaperVAE(nn.Module):
+    """The paper's VAE baseline (eqs. 9-11): whole-window encoder and reconstruction."""
+
     kind = "vae"
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.n_in, cfg.d_embed)
+        drop = cfg.dropout if cfg.n_lstm_layers > 1 else 0.0
         self.enc = nn.LSTM(cfg.d_embed, cfg.d_lstm, cfg.n_lstm_layers, batch_first=True,
-                           bidirectional=True, dropout=cfg.dropout)
+                           bidirectional=True, dropout=drop)
         self.mean = mlp(2 * cfg.d_lstm, cfg.d_mlp, cfg.d_z)
         self.logvar = mlp(2 * cfg.d_lstm, cfg.d_mlp, cfg.d_z)
         self.init_state = nn.Linear(cfg.d_z, 2 * cfg.n_lstm_layers * cfg.d_lstm)  # z -> (h0, c0)
         self.dec = nn.LSTM(cfg.d_embed, cfg.d_lstm, cfg.n_lstm_layers, batch_first=True,
-                           dropout=cfg.dropout)
+                           dropout=drop)
         self.head = nn.Linear(cfg.d_lstm, cfg.n_out)
 
-    def encoder(self, x: torch.Tensor, start: torch.Tensor, length: int):
-        """q(z | xT): mean, logvar (B, dz). Same call as the CLSM's encoder (context unused)."""
-        e = gather_span(self.embed(x), start, length)  # (B, T, d)
-        _, (h_n, _) = self.enc(e)
-        h_lr = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2*d_lstm)
+    def encoder(self, x: torch.Tensor, start: torch.Tensor | None = None, length: int = 0):
+        """q(z | x) over the whole window (start / length accepted for a common call and
+        ignored: eq. 9 has no target position). Returns mean, logvar (B, dz)."""
+        _, (h_n, _) = self.enc(self.embed(x))
+        h_lr = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2*d_lstm): last layer, both ways
         return self.mean(h_lr), self.logvar(h_lr)
 
     def state(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,31 +114,41 @@ class LSTMVAE(nn.Module):
         return hc[0].contiguous(), hc[1].contiguous()  # 2 x (L, B, d)
 
     def logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced over y = [s, x_0..x_126]: (B, 128, n_out), position t predicts x_t.
-        The LSTM is causal, so running it past the target changes nothing before it."""
+        """Teacher-forced over y = [s, x_0..x_126]: (B, 128, n_out), position t predicts x_t."""
         y = torch.cat([torch.full_like(x[:, :1], tk.START), x[:, :-1]], dim=1)
         h, _ = self.dec(self.embed(y), self.state(z))
         return self.head(h)
 
-    def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0,
-                free_bits: float = 0.0):
-        mean, logvar = self.encoder(x, start, length)
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None, length: int = 0,
+                beta: float = 1.0, free_bits: float = 0.0):
+        """beta is gamma here. Returns (total, parts) with total = (Lrec + gamma KL) / 128."""
+        mean, logvar = self.encoder(x)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
         kl = (0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar)).sum(-1).mean()
-        logits = gather_span(self.logits(x, z), start, length)  # (B, T, n_out)
-        target = gather_span(x[:, :, None], start, length)[..., 0]
-        rec = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
-        acc = (logits.argmax(-1) == target).float().mean()
-        return rec + beta * kl, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
+        logits = self.logits(x, z)  # (B, 128, n_out)
+        rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x.reshape(-1))
+        total = rec + beta * torch.clamp(kl, min=free_bits) / x.size(1)
+        acc = (logits.argmax(-1) == x).float().mean()
+        return total, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int) -> torch.Tensor:
-        """Argmax xT given z and the left context x[:, :start]: (B, length)."""
+    def decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int,
+               temperature: float = 0.0, gumbel: torch.Tensor | None = None,
+               top_p: float = 1.0) -> torch.Tensor:
+        """xT given z and the left context x[:, :start] (eq. 11): (B, length). Argmax, or with
+        temperature > 0 and gumbel (B, length, n_out) a sample of softmax(logits / T) within
+        the top_p nucleus (the CLSM engine's decoding rules)."""
         y = torch.cat([torch.full_like(x[:, :1], tk.START), x[:, :start]], dim=1)
         h, state = self.dec(self.embed(y), self.state(z))
         out = []
-        for _ in range(length):
-            token = self.head(h[:, -1]).argmax(-1)
+        for k in range(length):
+            logits = self.head(h[:, -1])
+            if gumbel is not None and temperature > 0.0:
+                logits = logits / temperature
+                if top_p < 1.0:
+                    logits = nucleus(logits, top_p)
+                logits = logits + gumbel[:, k]
+            token = logits.argmax(-1)
             out.append(token)
             h, state = self.dec(self.embed(token)[:, None], state)
         return torch.stack(out, dim=1)
@@ -201,7 +227,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, str]:
     ckpt = load_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     if kind == "vae":
-        model: nn.Module = LSTMVAE(VAEConfig.from_dict(ckpt["model_args"]))
+        model: nn.Module = PaperVAE(VAEConfig.from_dict(ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
     elif kind == "lm":
         model = TransformerLM(LMConfig.from_dict(ckpt["model_args"]))
@@ -214,14 +240,18 @@ def load_model(path: str | Path) -> tuple[nn.Module, str]:
 # ----------------------------------------------------------------------------- training
 
 
-def new_model(kind: str) -> nn.Module:
-    """A fresh baseline with the paper's sizes (tests substitute tiny ones here)."""
-    return LSTMVAE(VAEConfig()) if kind == "vae" else TransformerLM(LMConfig())
+def new_model(kind: str, model_cfg: dict) -> nn.Module:
+    """A fresh baseline: the VAE with the CLSM config's sizes, the LM with the paper's."""
+    return PaperVAE(VAEConfig.like_clsm(model_cfg)) if kind == "vae" else TransformerLM(LMConfig())
 
 
 def train(args: argparse.Namespace) -> Path:
     config = {"kind": args.kind, **load_train_config(args.config)}
     tcfg = config["train"]
+    if args.kind == "vae":  # gamma takes the place of the CLSM's beta in the shared loop
+        tcfg["beta_kl"] = args.gamma
+        tcfg["beta_anneal_steps"] = args.anneal_steps
+        tcfg["free_bits"] = 0.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
@@ -234,7 +264,7 @@ def train(args: argparse.Namespace) -> Path:
         raise SystemExit(f"{args.data} has no {splits[0]} windows; run training.prepare first")
     if len(valid_w) == 0:
         valid_w = train_w[:256]
-    model = new_model(args.kind)
+    model = new_model(args.kind, config["model"])
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
     log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
              len(train_w), splits[0], len(valid_w), splits[1])
@@ -252,6 +282,9 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = run_arguments(__doc__.splitlines()[0], default_threads=1)
     p.add_argument("--kind", choices=("vae", "lm"), required=True)
+    p.add_argument("--gamma", type=float, default=0.4,
+                   help=f"VAE KL weight (paper's grid {PAPER_GAMMAS}; 0.4 its comparison point)")
+    p.add_argument("--anneal-steps", type=int, default=2000, help="VAE: gamma rises from 0 over")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train(args)

@@ -1,23 +1,34 @@
-"""The paper's evaluation (Akama, ISMIR 2021, Sec. 4) of a CLSM against the VAE baseline.
+"""Evaluation (Akama, ISMIR 2021, Sec. 4) of CLSMs against the paper's VAE, plus what a player hears.
 
-    python -m training.evaluate --checkpoint runs/clsm/ckpt.pt [--baseline runs/vae/ckpt.pt]
-        [--lm runs/lm/ckpt.pt] --data cache/windows.npz|MIDI_DIR [--split test] [--n 64]
-        [--seed 0] [--batch 8] [--threads 1] [--naive] [--json]
+    python -m training.evaluate --checkpoint models/clsm-default [--checkpoint runs/X/ckpt.pt ..]
+        [--baseline models/baselines/vae-g0.4.pt ..] [--lm models/baselines/lm.pt]
+        --data cache/windows.npz|MIDI_DIR [--split test] [--n 128] [--batch 8] [--seed 0]
+        [--decoding argmax|temperature=T|top_p=P[,temperature=T]] [--plot DIR] [--json]
 
-On the same n windows (untransposed) and the same seeded targets for every model (|xT| uniform
-in 1..4 bars, |xCL| uniform, as in training):
-- recon_acc_general: accuracy of the argmax decode of the encoder's mean z at that target;
-- recon_acc_left: the same with the target moved to the end (left context only);
-- R2, R4, R8 (training/metrics.py): two latents of the same context (CLSM: two draws of
-  p(w | xC, tau), interpolated in w and mapped back by f^-1; VAE: two draws of N(0, I),
-  interpolated linearly in z) decoded at alpha = k/8, k = 0..8; R(J) uses the points j/J;
-- lm_nll_target / lm_nll_window: mean per-token NLL (nats) under the LM of the generated target
-  tokens (the alpha = 0 decode, a sample from each model's prior) / of the whole window with
-  that target in place (so a target that clashes with the right context also costs);
-  "reference" holds the same numbers for the real windows;
-- onset_rate: share of generated target tokens that start a note (a pitch token), against the
-  real windows' rate in "reference": a collapsed decoder (all holds or rests) shows up here.
-A MIDI folder as --data is turned into windows on the fly (every window, --split ignored).
+Every figure is reported per data set (pop909, nottingham: the songs' folder in the cache) and
+per context case: "left" (the target is the window's last 1-4 bars: left context only) and
+"other" (a target of 1-4 bars elsewhere: a right context, and a left one unless it starts the
+window). The same seeded windows and targets (one length and start per batch) for every model.
+
+The paper's figures (argmax decoding):
+- recon_acc: argmax decode of the encoder's mean z (VAE: of the whole window; eq. 11 decodes
+  xT given xCL only) against the real target;
+- R2 / R4 / R8 (eq. 12, training/metrics.py): two draws of the prior (CLSM: p(w | xC, tau),
+  interpolated in w and mapped by f^-1; VAE: N(0, I), linear in z) decoded at alpha = k/8;
+- lm_nll: mean per-token NLL (nats) under the LM of the generated targets at all nine
+  interpolation points alpha = k/8, in their windows (the reference: the real targets).
+What a player hears (the --decoding rule, i.e. the daemon's):
+- onset_rate, hold_share, rest_share of K = 8 re-rolls (prior draws) of each target;
+- pc_fit: share of their onsets whose pitch class sounds in the context; pc_overlap: the
+  duration-weighted pitch-class histogram overlap with the context (1 = same distribution);
+- rerolls_distinct (of 8) and rerolls_distance (mean share of differing tokens over pairs);
+- interp_distinct: distinct sequences among the nine interpolation points (sampling shares
+  one noise draw along the path, so only z moves); interp_distinct_argmax: the same, argmax;
+- vary_change_0.5 / _1.0: share of tokens a variation z(d) = f^-1(f(z) + d eps) changes from its
+  parent (same noise); vary_ge15_1.0: share of cases where delta 1.0 changes >= 15%;
+- latent use: prior_sample_acc, the accuracy of decoding one prior draw (argmax) instead of the
+  posterior mean: near recon_acc means the decoder barely uses z.
+A MIDI folder as --data is one data set named after the folder (--split ignored).
 """
 
 from __future__ import annotations
@@ -26,219 +37,303 @@ import argparse
 import json
 import logging
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from engine import tokens as tk
-from engine.decoding import CachedDecoder
-from engine.model import CLSM, gather_span
-from training.baselines import LSTMVAE, TransformerLM, load_model
-from training.data import load_windows, windows_from_midi_folder
-from training.metrics import interpolation_ratio
-from training.train import sample_targets
+from training import metrics
+from training.baselines import TransformerLM, load_model
+from training.data import windows_from_midi_folder
+from training.eval_models import Decoding, ModelUnderTest, load_for_eval
 
 log = logging.getLogger("training.evaluate")
 
 K_INTERP = 8  # decode alpha = k/8; R(2), R(4), R(8) use sub-grids of it
 J_VALUES = (2, 4, 8)
-TARGET_BARS = [1, 2, 3, 4]
+K_REROLLS = 8
+DELTAS = (0.5, 1.0)
+TARGET_BARS = (1, 2, 3, 4)
+CASES = ("left", "other")
 
 
-def load_eval_windows(data: str | Path, split: str) -> np.ndarray:
-    """Windows (N, 128) of a prepared cache's split, or of every MIDI file under a folder."""
+# ----------------------------------------------------------------------------- data
+
+
+def load_eval_sets(data: str | Path, split: str) -> dict[str, np.ndarray]:
+    """{data set: untransposed windows (N, 128)} of a prepared cache's split, or of every MIDI
+    file under a folder (one set named after it)."""
     if Path(data).is_dir():
         ws = windows_from_midi_folder(data, progress=False)
         if len(ws.windows) == 0:
             raise SystemExit(f"no 8-bar 4/4 melody windows in the MIDI files under {data}")
-        return ws.windows
-    windows = load_windows(data, split)
-    if len(windows) == 0:
+        return {Path(data).name: ws.windows}
+    with np.load(data, allow_pickle=False) as cache:
+        cache = {k: cache[k] for k in cache.files}
+    names = [str(s) for s in cache["split_names"]]
+    if split not in names:
+        raise SystemExit(f"--split must be one of {names}, not {split!r}")
+    in_split = cache["split"] == names.index(split)
+    if "songs" in cache:  # training.prepare names songs "<data set>/<song>"
+        dataset = np.array([str(s).split("/")[0] for s in cache["songs"]])[cache["song"]]
+    else:
+        dataset = np.full(len(in_split), Path(data).stem)
+    sets = {name: cache["windows"][in_split & (dataset == name)] for name in sorted(set(dataset))}
+    sets = {k: v for k, v in sets.items() if len(v)}
+    if not sets:
         raise SystemExit(f"{data} has no {split!r} windows")
-    return windows
+    return sets
 
 
-# ----------------------------------------------------------------------------- model adapters
+def load_eval_windows(data: str | Path, split: str) -> np.ndarray:
+    """All windows of load_eval_sets in one array (training/render.py)."""
+    return np.concatenate(list(load_eval_sets(data, split).values()))
 
 
-@torch.no_grad()
-def decode(model: nn.Module, x: torch.Tensor, z: torch.Tensor, start: torch.Tensor,
-           length: int, cached: CachedDecoder | None = None) -> torch.Tensor:
-    """Argmax target tokens (B, length) for per-window starts, for a CLSM or the VAE.
-    A CLSM decodes with `cached` (engine/decoding.py, same argmax, ~20x faster) when given,
-    else with the reference full-recompute decode."""
-    if isinstance(model, LSTMVAE) or cached is not None:
-        out = torch.empty((x.size(0), length), dtype=torch.long)
-        for s in start.unique().tolist():  # both decoders take one start per call
-            rows = (start == s).nonzero()[:, 0]
-            if cached is not None:
-                out[rows] = cached(x[rows], z[rows], int(s), length)[0]
-            else:
-                out[rows] = model.decode(x[rows], z[rows], int(s), length)
-        return out
-    # CLSM: engine/model.py's decode_naive, generalised to one start per window.
-    x = x.clone()
-    rows = torch.arange(x.size(0))
-    for k in range(length):
-        logits = model.decoder(x, z, start, length)  # (B, 129, n_out); position t predicts x_t
-        x[rows, start + k] = logits[rows, start + k].argmax(-1)
-    return gather_span(x[:, :, None], start, length)[..., 0]
-
-
-@torch.no_grad()
-def latent_pair(model: nn.Module, x: torch.Tensor, start: torch.Tensor, length: int,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two draws in the space that is interpolated linearly (CLSM: w; VAE: z): (B, dz) each."""
-    if isinstance(model, CLSM):
-        mean, logvar = model.prior(x, start, length)
-        sd = (0.5 * logvar).exp()
-        return (mean + sd * torch.randn(mean.shape, generator=gen),
-                mean + sd * torch.randn(mean.shape, generator=gen))
-    d_z = model.cfg.d_z
-    return (torch.randn((x.size(0), d_z), generator=gen), torch.randn((x.size(0), d_z), generator=gen))
-
-
-def to_z(model: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    return model.prior.flow.inverse(w) if isinstance(model, CLSM) else w
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def lm_nll(lm: TransformerLM, x: torch.Tensor, start: torch.Tensor, length: int) -> tuple[float, float]:
-    """Sums of per-token NLL over the targets and over the whole windows."""
-    nll = lm.token_nll(x)  # (B, 128)
-    return float(gather_span(nll[:, :, None], start, length).sum()), float(nll.sum())
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, int]],
-                   lm: TransformerLM | None, seed: int, name: str, naive: bool = False) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    cached = CachedDecoder(model.decoder).eval() if isinstance(model, CLSM) and not naive else None
-    hits = {"general": [0, 0], "left": [0, 0]}
-    paths: list[list[list[int]]] = []
-    nll_t = nll_w = 0.0
-    n_t = n_w = onsets = 0
-    for x, start, length in tqdm(batches, desc=name, file=sys.stderr, dynamic_ncols=True):
-        B = x.size(0)
-        truth = gather_span(x[:, :, None], start, length)[..., 0]
-        for case, s in (("general", start), ("left", torch.full_like(start, tk.SEQ_LEN - length))):
-            mean, _ = model.encoder(x, s, length)
-            pred = decode(model, x, mean, s, length, cached)
-            target = gather_span(x[:, :, None], s, length)[..., 0]
-            hits[case][0] += int((pred == target).sum())
-            hits[case][1] += target.numel()
-        w1, w2 = latent_pair(model, x, start, length, gen)
-        alphas = torch.arange(K_INTERP + 1, dtype=w1.dtype) / K_INTERP  # (K+1,)
-        w = (1 - alphas[None, :, None]) * w1[:, None] + alphas[None, :, None] * w2[:, None]
-        z = to_z(model, w.reshape(B * (K_INTERP + 1), -1))
-        rep = lambda t: t.repeat_interleave(K_INTERP + 1, dim=0)  # noqa: E731
-        points = decode(model, rep(x), z, rep(start), length, cached).view(B, K_INTERP + 1, length)
-        paths += points.tolist()
-        onsets += int((points[:, 0] < tk.N_PITCHES).sum())
-        if lm is not None:
-            generated = x.clone()
-            idx = start[:, None] + torch.arange(length)[None, :]
-            generated.scatter_(1, idx, points[:, 0])
-            t, wsum = lm_nll(lm, generated, start, length)
-            nll_t, nll_w, n_t, n_w = nll_t + t, nll_w + wsum, n_t + truth.numel(), n_w + x.numel()
-    out = {"recon_acc_general": hits["general"][0] / hits["general"][1],
-           "recon_acc_left": hits["left"][0] / hits["left"][1],
-           "onset_rate": onsets / sum(len(x) * length for x, _, length in batches)}
-    for J in J_VALUES:
-        r = interpolation_ratio(paths, J)
-        out[f"R{J}"], out[f"R{J}_pairs"], out[f"R{J}_excluded"] = r["R"], r["pairs"], r["excluded"]
-    out["lm_nll_target"] = nll_t / n_t if lm is not None else None
-    out["lm_nll_window"] = nll_w / n_w if lm is not None else None
+def case_batches(windows: np.ndarray, n: int, batch: int, seed: int, case: str):
+    """[(x (B, 128), start, length)]: n seeded windows, one target per batch."""
+    rng = np.random.default_rng([seed, CASES.index(case)])
+    idx = rng.permutation(len(windows))[:n]
+    out = []
+    for i in range(0, len(idx), batch):
+        length = tk.STEPS_PER_BAR * int(rng.choice(TARGET_BARS))
+        if case == "left":
+            start = tk.SEQ_LEN - length
+        else:
+            start = tk.STEPS_PER_BAR * int(rng.integers(0, (tk.SEQ_LEN - length) // tk.STEPS_PER_BAR))
+        out.append((torch.from_numpy(windows[idx[i:i + batch]].astype(np.int64)), start, length))
     return out
 
 
-def make_batches(windows: np.ndarray, n: int, batch: int, seed: int):
-    """n windows drawn without replacement (all if fewer), seeded targets as in training."""
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(windows))[:n]
-    batches = []
-    for i in range(0, len(idx), batch):
-        x = torch.from_numpy(windows[idx[i:i + batch]].astype(np.int64))
-        start, length = sample_targets(rng, len(x), TARGET_BARS)
-        batches.append((x, start, length))
-    return batches
+def with_target(x: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
+    """Windows x (B, 128) repeated to target's batch (N = k B, rows grouped by k), target in place."""
+    full = x.repeat(target.size(0) // x.size(0), 1)
+    full[:, start:start + target.size(1)] = target
+    return full
 
 
-def reference(lm: TransformerLM | None, batches) -> dict:
-    n_target = sum(len(x) * length for x, _, length in batches)
-    onsets = sum(int((gather_span(x[:, :, None], s, length) < tk.N_PITCHES).sum())
-                 for x, s, length in batches)
-    if lm is None:
-        return {"lm_nll_target": None, "lm_nll_window": None, "onset_rate": onsets / n_target}
-    t = w = 0.0
-    n_t = n_w = 0
+def context_of(x: torch.Tensor, start: int, length: int) -> list[list[int]]:
+    return torch.cat([x[:, :start], x[:, start + length:]], dim=1).tolist()
+
+
+# ----------------------------------------------------------------------------- one model, one case
+
+
+class Tally:
+    """Sums and lists of per-window figures, reduced to means at the end."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.paths: list[list[list[int]]] = []
+
+    def add(self, key: str, value: float | None, count: int = 1) -> None:
+        if value is not None:
+            self.sums[key] += value
+            self.counts[key] += count
+
+    def mean(self, key: str) -> float | None:
+        return self.sums[key] / self.counts[key] if self.counts[key] else None
+
+
+def add_player_figures(t: Tally, gen_targets: torch.Tensor, x: torch.Tensor, start: int,
+                       length: int) -> None:
+    """Token shares and pitch-class fit of targets (k B, length) generated for windows x (B, 128)."""
+    arr = gen_targets.numpy()
+    for key, value in metrics.token_shares(arr).items():
+        t.add(key, value * arr.size, arr.size)
+    contexts = context_of(x, start, length)
+    for i, target in enumerate(arr.tolist()):
+        fit, onsets, overlap = metrics.pitch_class_fit(target, contexts[i % len(contexts)])
+        t.add("pc_fit", fit, onsets)
+        t.add("pc_overlap", overlap)
+
+
+@torch.no_grad()
+def lm_target_nll(lm: TransformerLM, full: torch.Tensor, start: int, length: int) -> tuple[float, int]:
+    nll = lm.token_nll(full)[:, start:start + length]
+    return float(nll.sum()), nll.numel()
+
+
+@torch.no_grad()
+def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, length: int,
+                   lm: TransformerLM | None, decoding: Decoding, gen: torch.Generator) -> None:
+    B = x.size(0)
+    truth = x[:, start:start + length]
+    recon = m.decode(x, m.posterior_mean(x, start, length), start, length)
+    t.add("recon_acc", float((recon == truth).sum()), truth.numel())
+
+    mean, sd = m.prior(x, start, length)
+    w = mean + sd * torch.randn((K_REROLLS, *mean.shape), generator=gen)  # (K, B, dz)
+    alphas = (torch.arange(K_INTERP + 1, dtype=w.dtype) / K_INTERP)[:, None, None]
+    w_path = (1 - alphas) * w[0] + alphas * w[1]  # (9, B, dz)
+    z_path = m.to_z(w_path.reshape(-1, m.d_z))
+    xs = x.repeat(K_INTERP + 1, 1)
+    path = m.decode(xs, z_path, start, length).view(K_INTERP + 1, B, length)
+    t.add("prior_sample_acc", float((path[0] == truth).sum()), truth.numel())
+    t.paths += path.transpose(0, 1).tolist()
+    t.add("interp_distinct_argmax", sum(metrics.distinct(p) for p in path.transpose(0, 1).tolist()), B)
+    if lm is not None:
+        nll, count = lm_target_nll(lm, with_target(x, path.reshape(-1, length), start), start, length)
+        t.add("lm_nll", nll, count)
+
+    # The daemon's decoding: re-rolls, an interpolation and variations sharing one noise draw.
+    noise = decoding.noise((K_REROLLS, B, length), gen)
+    flat_noise = None if noise is None else noise.reshape(K_REROLLS * B, length, -1)
+    z_rolls = m.to_z(w.reshape(-1, m.d_z))
+    rolls = m.decode(x.repeat(K_REROLLS, 1), z_rolls, start, length, decoding, flat_noise)
+    rolls = rolls.view(K_REROLLS, B, length)
+    add_player_figures(t, rolls.reshape(-1, length), x, start, length)
+    for i in range(B):
+        t.add("rerolls_distinct", metrics.distinct(rolls[:, i].tolist()))
+        t.add("rerolls_distance", metrics.mean_pairwise_distance(rolls[:, i].tolist()))
+    if decoding.sampling:
+        shared = noise[0].repeat(K_INTERP + 1, 1, 1)
+        player_path = m.decode(xs, z_path, start, length, decoding, shared).view(K_INTERP + 1, B, length)
+    else:
+        player_path = path
+    t.add("interp_distinct", sum(metrics.distinct(p) for p in player_path.transpose(0, 1).tolist()), B)
+    parent = rolls[0]
+    for delta in DELTAS:
+        w_var = w[0] + delta * sd * torch.randn(mean.shape, generator=gen)
+        child = m.decode(x, m.to_z(w_var), start, length, decoding,
+                         None if noise is None else noise[0])
+        for p_row, c_row in zip(parent.tolist(), child.tolist(), strict=True):
+            change = metrics.changed_share(p_row, c_row)
+            t.add(f"vary_change_{delta}", change)
+            if delta == 1.0:
+                t.add("vary_ge15_1.0", float(change >= 0.15))
+
+
+def summarize(t: Tally) -> dict:
+    out = {key: t.mean(key) for key in sorted(t.sums)}
+    for J in J_VALUES:
+        r = metrics.interpolation_ratio(t.paths, J)
+        out[f"R{J}"], out[f"R{J}_pairs"], out[f"R{J}_excluded"] = r["R"], r["pairs"], r["excluded"]
+    out.setdefault("lm_nll", None)
+    return out
+
+
+def evaluate_case(m: ModelUnderTest, batches, lm: TransformerLM | None, decoding: Decoding,
+                  seed: int, desc: str) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    t = Tally()
+    for x, start, length in tqdm(batches, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                                 leave=False):
+        evaluate_batch(m, t, x, start, length, lm, decoding, gen)
+    return {"n": sum(len(b[0]) for b in batches), **summarize(t)}
+
+
+def reference_case(batches, lm: TransformerLM | None) -> dict:
+    """The real targets' figures (what generated ones are compared with)."""
+    t = Tally()
     for x, start, length in batches:
-        bt, bw = lm_nll(lm, x, start, length)
-        t, w, n_t, n_w = t + bt, w + bw, n_t + len(x) * length, n_w + x.numel()
-    return {"lm_nll_target": t / n_t, "lm_nll_window": w / n_w, "onset_rate": onsets / n_target}
+        add_player_figures(t, x[:, start:start + length], x, start, length)
+        if lm is not None:
+            t.add("lm_nll", *lm_target_nll(lm, x, start, length))
+    out = {key: t.mean(key) for key in sorted(t.sums)}
+    out.setdefault("lm_nll", None)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    windows = load_eval_windows(args.data, args.split)
-    batches = make_batches(windows, args.n, args.batch, args.seed)
+    decoding = Decoding.parse(args.decoding)
+    sets = load_eval_sets(args.data, args.split)
     lm = None
     if args.lm:
         lm, kind = load_model(args.lm)
         if kind != "lm":
             raise SystemExit(f"--lm {args.lm} is a {kind} checkpoint, not an LM")
+    models = [load_for_eval(p) for p in args.checkpoint + args.baseline]
+    batches = {(ds, case): case_batches(w, args.n, args.batch, args.seed, case)
+               for ds, w in sets.items() for case in CASES}
     result: dict = {
-        "settings": {"checkpoint": args.checkpoint, "baseline": args.baseline, "lm": args.lm,
-                     "data": str(args.data), "split": args.split, "n": sum(len(b[0]) for b in batches),
-                     "seed": args.seed, "interp_points": K_INTERP + 1},
-        "reference": reference(lm, batches),
+        "settings": {"checkpoints": args.checkpoint, "baselines": args.baseline, "lm": args.lm,
+                     "data": str(args.data), "split": args.split, "n_per_set": args.n,
+                     "batch": args.batch, "seed": args.seed, "decoding": str(decoding),
+                     "interp_points": K_INTERP + 1, "rerolls": K_REROLLS, "deltas": list(DELTAS),
+                     "torch_threads": args.threads},
+        "reference": {ds: {case: reference_case(batches[ds, case], lm) for case in CASES}
+                      for ds in sets},
+        "models": {},
     }
-    for name, path in (("clsm", args.checkpoint), ("vae", args.baseline)):
-        if not path:
-            result[name] = None
-            continue
-        model, kind = load_model(path)
-        if kind == "lm":
-            raise SystemExit(f"{path} is an LM checkpoint; it goes to --lm")
-        result[name] = {"kind": kind, **evaluate_model(model, batches, lm, args.seed, name,
-                                                            args.naive)}
+    for m in models:
+        entry = {"kind": m.kind, "path": m.path, "results": {}}
+        for ds in sets:
+            entry["results"][ds] = {case: evaluate_case(m, batches[ds, case], lm, decoding,
+                                                        args.seed, f"{m.name} {ds} {case}")
+                                    for case in CASES}
+        result["models"][unique_name(m.name, result["models"])] = entry
     return result
 
 
+def unique_name(name: str, taken: dict) -> str:
+    k, out = 2, name
+    while out in taken:
+        out, k = f"{name}-{k}", k + 1
+    return out
+
+
+TABLE = [("acc", "recon_acc"), ("prior_acc", "prior_sample_acc"), ("R2", "R2"), ("R4", "R4"),
+         ("R8", "R8"), ("nll", "lm_nll"), ("onset", "onset_rate"), ("hold", "hold_share"),
+         ("rest", "rest_share"), ("pc_fit", "pc_fit"), ("pc_ovl", "pc_overlap"),
+         ("rolls/8", "rerolls_distinct"), ("interp/9", "interp_distinct"),
+         ("var1.0", "vary_change_1.0"), ("var>=15%", "vary_ge15_1.0")]
+
+
 def format_table(result: dict) -> str:
-    keys = ["recon_acc_left", "recon_acc_general", "R2", "R4", "R8", "lm_nll_target", "lm_nll_window",
-            "onset_rate"]
-    rows = [("reference (real)", result["reference"])]
-    rows += [(k, result[k]) for k in ("clsm", "vae") if result.get(k)]
+    """One block per data set and case: the real data, then every model."""
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["model".ljust(18) + "".join(k.rjust(19) for k in keys)]
-    lines += [name.ljust(18) + "".join(fmt(r.get(k)).rjust(19) for k in keys) for name, r in rows]
+    width = max([16, *(len(n) + 2 for n in result["models"])])
+    lines = [f"decoding for the player figures: {result['settings']['decoding']}"]
+    for ds, cases in result["reference"].items():
+        for case in CASES:
+            lines += ["", f"{ds}, {case} context (n={result['settings']['n_per_set']})",
+                      "model".ljust(width) + "".join(h.rjust(10) for h, _ in TABLE)]
+            rows = [("real data", cases[case])]
+            rows += [(name, e["results"][ds][case]) for name, e in result["models"].items()]
+            lines += [name.ljust(width) + "".join(fmt(r.get(k)).rjust(10) for _, k in TABLE)
+                      for name, r in rows]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="CLSM checkpoint")
-    p.add_argument("--baseline", default=None, help="VAE baseline checkpoint")
+    p.add_argument("--checkpoint", action="append", default=[], required=True,
+                   help="CLSM checkpoint or model folder (repeat for several)")
+    p.add_argument("--baseline", action="append", default=[], help="paper-VAE checkpoint (repeatable)")
     p.add_argument("--lm", default=None, help="transformer LM checkpoint (scores samples)")
     p.add_argument("--data", required=True, help="prepared .npz or a folder of MIDI files")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=64, help="windows evaluated")
+    p.add_argument("--n", type=int, default=128, help="windows per data set and case")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--naive", action="store_true",
-                   help="CLSM: the reference full-recompute decode instead of the cached one")
+    p.add_argument("--decoding", default="argmax",
+                   help="player figures: argmax | temperature=T | top_p=P[,temperature=T]")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write the paper's Fig. 3b as PNGs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
+    try:
+        Decoding.parse(args.decoding)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from training.plots import plot_fig3b
+        for path in plot_fig3b(result, Path(args.plot)):
+            log.info("wrote %s", path)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 

@@ -1,26 +1,32 @@
-"""The paper's evaluation metrics (Akama, ISMIR 2021, Sec. 4).
+"""Evaluation metrics: the paper's (Akama, ISMIR 2021, Sec. 4) and what a player hears.
 
+The paper's:
 - Reconstruction accuracy: the share of target tokens that an argmax decode of the encoder's
   mean z gets right.
-- Interpolation smoothness R(J) (eq. 12, as implemented here): for one pair of latents (z1, z2)
-  of the same context and target, decode the J + 1 points alpha_j = j / J, j = 0..J, to token
-  sequences x_j, and take the ratio of the path length to the direct distance
+- Interpolation smoothness R(J), eq. 12: for one pair of latents of the same context and target,
+  decode the J + 1 points alpha = j / J to token sequences x(j/J) and take
 
-      R_i(J) = sum_{j=1..J} d(x_{j-1}, x_j) / d(x_0, x_J)
+      R_i(J) = sum_{j=0..J-1} d(x(j/J), x((j+1)/J)) / (D_i (J - n_i))
 
-  with d the Levenshtein (edit) distance over tokens. By the triangle inequality R_i(J) >= 1; it
-  is 1 when every step moves monotonically from x_0 towards x_J (a smooth interpolation) and
-  grows with detours. Pairs whose endpoints decode to the same sequence (d(x_0, x_J) = 0) have no
-  defined ratio and are excluded; R(J) is the mean of R_i(J) over the remaining pairs, reported
-  with the number of pairs it used (None when every pair is excluded).
-- LM negative log-likelihood: see training/evaluate.py (mean per-token NLL, nats).
+  with d the edit (Levenshtein) distance, D_i = d(x(0), x(1)) the distance between the ends and
+  n_i the number of zero steps (d = 0). Pairs with D_i (J - n_i) = 0 are excluded; R(J) is the
+  mean over the rest. Lower is smoother: a path that moves evenly gives 1/J, one that stays put
+  and then jumps in one step gives 1, detours give more.
+- LM negative log-likelihood: training/evaluate.py (mean per-token NLL, nats).
+
+What a player hears (all on generated targets, against the real targets in "reference"):
+onset rate and pitch / hold / rest shares; pitch-class fit to the context; distinct candidates
+among re-rolls; distinct sequences along an interpolation; tokens changed by a variation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import combinations
 
 import numpy as np
+
+from engine import tokens as tk
 
 
 def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
@@ -45,15 +51,20 @@ def token_accuracy(predicted: np.ndarray, target: np.ndarray) -> float:
     return float((predicted == target).mean()) if predicted.size else float("nan")
 
 
+# ----------------------------------------------------------------------------- eq. 12
+
+
 def path_ratio(points: Sequence[Sequence[int]]) -> float | None:
-    """R_i for one interpolation path x_0..x_J; None when d(x_0, x_J) = 0 (excluded)."""
+    """R_i(J) of eq. 12 for one path x(0), x(1/J), .., x(1); None when D (J - n) = 0."""
     if len(points) < 2:
         raise ValueError("an interpolation path needs at least two points")
+    J = len(points) - 1
+    steps = [levenshtein(points[j], points[j + 1]) for j in range(J)]
+    n_zero = sum(d == 0 for d in steps)
     direct = levenshtein(points[0], points[-1])
-    if direct == 0:
+    if direct * (J - n_zero) == 0:
         return None
-    steps = sum(levenshtein(points[j - 1], points[j]) for j in range(1, len(points)))
-    return steps / direct
+    return sum(steps) / (direct * (J - n_zero))
 
 
 def subsample_path(points: Sequence[Sequence[int]], J: int) -> list[Sequence[int]]:
@@ -68,8 +79,65 @@ def interpolation_ratio(paths: Sequence[Sequence[Sequence[int]]], J: int) -> dic
     """R(J) over pairs; each path holds the decodes at alpha = k / K, K a multiple of J.
 
     Returns {"R": mean ratio (None if no pair is left: JSON has no NaN), "pairs": used,
-    "excluded": zero-distance pairs}."""
+    "excluded": pairs with D (J - n) = 0}."""
     ratios = [path_ratio(subsample_path(p, J)) for p in paths]
     used = [r for r in ratios if r is not None]
     return {"R": float(np.mean(used)) if used else None, "pairs": len(used),
             "excluded": len(ratios) - len(used)}
+
+
+# ----------------------------------------------------------------------------- what a player hears
+
+
+def token_shares(targets: np.ndarray) -> dict:
+    """Shares of pitch (= onset rate), hold and rest tokens among target tokens (any shape)."""
+    t = np.asarray(targets)
+    n = max(1, t.size)
+    return {"onset_rate": float((t < tk.N_PITCHES).sum() / n),
+            "hold_share": float((t == tk.HOLD).sum() / n),
+            "rest_share": float((t == tk.REST).sum() / n)}
+
+
+def pitch_class_durations(tokens: Sequence[int]) -> np.ndarray:
+    """Steps each pitch class sounds in a token sequence (holds extend the last pitch): (12,)."""
+    hist = np.zeros(12)
+    sounding = None
+    for t in tokens:
+        t = int(t)
+        if t < tk.N_PITCHES:
+            sounding = (t + tk.PITCH_MIN) % 12
+        elif t == tk.REST:
+            sounding = None
+        if sounding is not None:
+            hist[sounding] += 1
+    return hist
+
+
+def pitch_class_fit(target: Sequence[int], context: Sequence[int]) -> tuple[int, int, float | None]:
+    """(onsets whose pitch class sounds in the context, onsets, histogram overlap): the overlap
+    is sum_pc min(p, q) of the duration-weighted pitch-class distributions of target and
+    context (1 = the same distribution), None when either has no sounding note."""
+    ctx_pcs = {(int(t) + tk.PITCH_MIN) % 12 for t in context if int(t) < tk.N_PITCHES}
+    onsets = [(int(t) + tk.PITCH_MIN) % 12 for t in target if int(t) < tk.N_PITCHES]
+    fit = sum(pc in ctx_pcs for pc in onsets)
+    p, q = pitch_class_durations(target), pitch_class_durations(context)
+    overlap = float(np.minimum(p / p.sum(), q / q.sum()).sum()) if p.sum() and q.sum() else None
+    return fit, len(onsets), overlap
+
+
+def distinct(sequences: Sequence[Sequence[int]]) -> int:
+    return len({tuple(int(t) for t in s) for s in sequences})
+
+
+def mean_pairwise_distance(sequences: Sequence[Sequence[int]]) -> float:
+    """Mean share of differing tokens over all pairs of equal-length sequences."""
+    arr = np.asarray(sequences)
+    pairs = list(combinations(range(len(arr)), 2))
+    if not pairs:
+        return 0.0
+    return float(np.mean([(arr[i] != arr[j]).mean() for i, j in pairs]))
+
+
+def changed_share(parent: Sequence[int], child: Sequence[int]) -> float:
+    """Share of tokens of a variation that differ from its parent."""
+    return float((np.asarray(parent) != np.asarray(child)).mean())

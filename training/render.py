@@ -26,7 +26,7 @@ from engine import tokens as tk
 from engine.decoding import CachedDecoder
 from engine.model import CLSM
 from training.baselines import load_model
-from training.evaluate import decode, load_eval_windows
+from training.evaluate import load_eval_windows
 
 log = logging.getLogger("training.render")
 
@@ -94,7 +94,7 @@ def render_window(model: CLSM, window: np.ndarray, start: int, length: int, J: i
     alphas = torch.arange(J + 1, dtype=w1.dtype)[:, None] / J
     z = model.prior.flow.inverse((1 - alphas) * w1 + alphas * w2)  # (J+1, dz)
     xs = x.repeat(J + 1, 1)
-    targets = decode(model, xs, z, starts.repeat(J + 1), length, CachedDecoder(model.decoder).eval())
+    targets, _ = CachedDecoder(model.decoder).eval()(xs, z, start, length)
     xs[:, start:start + length] = targets
     points = xs.tolist()
     return {"original": x.tolist(), "infill_a": [points[0]], "infill_b": [points[-1]],
