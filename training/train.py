@@ -159,7 +159,8 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
                                 acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
-                record = {"step": step, "beta": beta, "windows_per_s": rate, "processes": world, **parts}
+                record = {"step": step, "t": round(time.monotonic() - t0, 3), "beta": beta,
+                          "windows_per_s": rate, "processes": world, **parts}
                 if step % tcfg["valid_every"] == 0:
                     record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
                                                tcfg["target_bars"], autocast)
