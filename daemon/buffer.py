@@ -37,7 +37,7 @@ from daemon.history import (
     run_request,
 )
 from daemon.quantize import Quantizer, check_midi, check_position
-from engine.tokens import N_BARS, REST, SEQ_LEN, STEPS_PER_BAR
+from engine.tokens import HOLD, N_BARS, REST, SEQ_LEN, STEPS_PER_BAR, is_pitch
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +218,33 @@ class Performance:
             self.stop()
         self.record = on
 
-    def output_token(self, step: int) -> tuple[int, int] | None:
+    def output_token(self, step: int) -> tuple[int, int, int | None] | None:
+        """What the co-performer plays at `step`: (token, content version, the pitch token of
+        the note the step is in: the token itself, the onset a hold continues, or None)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise RequestError(f"step must be an int >= 0, got {step!r}")
+        bar = self._playing(step)
+        if bar is None:
+            return None
+        token = bar.tokens[step % STEPS_PER_BAR]
+        note = token if is_pitch(token) else None
+        onset = step
+        while token == HOLD and onset > 0 and onset > step - SEQ_LEN:
+            onset -= 1  # back through the same content (a held note spans its bars)
+            before = self._playing(onset)
+            if before is None or before.version != bar.version:
+                break
+            if (t := before.tokens[onset % STEPS_PER_BAR]) != HOLD:
+                note = t if is_pitch(t) else None
+                break
+        return token, bar.version, note
+
+    def _playing(self, step: int) -> Bar | None:
         abs_bar = step // STEPS_PER_BAR
         bar = self._bar_at(abs_bar)
         if bar is None or bar.owner != "coperformer" or abs_bar in self._touched:
             return None
-        return bar.tokens[step % STEPS_PER_BAR], bar.version
+        return bar
 
     # ----- mode, target, clear ----------------------------------------------------------
     def set_mode(self, mode: str) -> None:

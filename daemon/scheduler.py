@@ -5,6 +5,10 @@ thread); the clock `fire`s step k at its ideal time, which only sends the prepar
 The sounding note changes only when a plan is fired, so a plan that misses its step (the loop
 was late) is dropped whole: past steps are never played late, and the next plan still ends
 the note that is really sounding - nothing hangs, nothing doubles.
+
+New content (another content version) arriving in the middle of one of its notes sounds from
+the next step: a hold of the new content starts the pitch it holds (the performance names it);
+a hold of the same content whose onset never sounded stays silent (never late).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from engine.tokens import HOLD, is_pitch, token_to_pitch
 log = logging.getLogger(__name__)
 
 Send = Callable[[mido.Message], None]
+# (token, content_version) or (token, content_version, pitch token of the note the step is in)
+Output = tuple[int, int] | tuple[int, int, int | None]
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,9 @@ class Sounding:
 @dataclass(frozen=True)
 class Plan:
     step: int
-    output: tuple[int, int] | None  # (token, content_version) it was decided from
+    output: Output | None  # what it was decided from
     base: Sounding | None  # the sounding note it was decided on
+    prev_version: int | None  # content version of the step before
     messages: tuple[mido.Message, ...]
     after: Sounding | None  # the sounding note once these messages are sent
 
@@ -47,6 +54,7 @@ class Scheduler:
         self._sounding: Sounding | None = None
         self._plans: dict[int, Plan] = {}
         self._last_fired: int | None = None
+        self._fired_version: int | None = None  # content version of the last fired step
         self.dropped_plans = 0  # plans that came after their step had passed
         self.fired_steps = 0
 
@@ -57,7 +65,7 @@ class Scheduler:
     def _off(self, s: Sounding) -> mido.Message:
         return mido.Message("note_off", channel=self.channel, note=s.pitch, velocity=0)
 
-    def plan(self, step: int, output: tuple[int, int] | None) -> Plan | None:
+    def plan(self, step: int, output: Output | None) -> Plan | None:
         """Decide step `step` from `performance.output_token(step)`; None if it is too late.
 
         Plans build on the note that sounds after the last *fired* step, so call this for
@@ -71,23 +79,28 @@ class Scheduler:
             # A plan made for the previous step but not fired yet is the base of this one.
             prev = self._plans.get(step - 1)
             current = prev.after if prev is not None else self._sounding
-            plan = self._decide(step, output, current)
+            prev_version = _version(prev.output) if prev is not None else self._fired_version
+            plan = self._decide(step, output, current, prev_version)
             self._plans[step] = plan
             return plan
 
-    def _decide(self, step: int, output: tuple[int, int] | None, current: Sounding | None) -> Plan:
-        token, version = output if output is not None else (None, -1)
+    def _decide(self, step: int, output: Output | None, current: Sounding | None,
+                prev_version: int | None) -> Plan:
+        token, version, note = _parts(output)
         if token == HOLD and current is not None and current.version == version:
-            return Plan(step, output, current, (), current)  # the note goes on
+            return Plan(step, output, current, prev_version, (), current)  # the note goes on
         msgs: list[mido.Message] = []
         if current is not None:
             msgs.append(self._off(current))  # end it before new content starts
+        start = token if token is not None and is_pitch(token) else None
+        if token == HOLD and version != prev_version and note is not None and is_pitch(note):
+            start = note  # new content arrived in the middle of this note: it sounds from here
         after = None
-        if token is not None and is_pitch(token):
-            after = Sounding(token_to_pitch(token), version)
+        if start is not None:
+            after = Sounding(token_to_pitch(start), version)
             msgs.append(mido.Message("note_on", channel=self.channel, note=after.pitch,
                                      velocity=self.velocity))
-        return Plan(step, output, current, tuple(msgs), after)
+        return Plan(step, output, current, prev_version, tuple(msgs), after)
 
     def fire(self, step: int) -> int:
         """Timing path: send step's planned messages now. Returns how many were sent."""
@@ -99,12 +112,13 @@ class Scheduler:
                 del self._plans[old]
             if plan is None:
                 return 0
-            if plan.base != self._sounding:
+            if plan.base != self._sounding or plan.prev_version != self._fired_version:
                 # Decided on a plan that never fired: decide again on what really sounds.
-                plan = self._decide(step, plan.output, self._sounding)
+                plan = self._decide(step, plan.output, self._sounding, self._fired_version)
             for msg in plan.messages:
                 self._send(msg)
             self._sounding = plan.after
+            self._fired_version = _version(plan.output)
             self.fired_steps += 1
             return len(plan.messages)
 
@@ -121,3 +135,15 @@ class Scheduler:
         with self._lock:
             self._plans.clear()
             self._last_fired = None
+            self._fired_version = None
+
+
+def _parts(output: Output | None) -> tuple[int | None, int, int | None]:
+    if output is None:
+        return None, -1, None
+    token, version, *rest = output
+    return token, version, rest[0] if rest else None
+
+
+def _version(output: Output | None) -> int:
+    return -1 if output is None else output[1]

@@ -85,7 +85,7 @@ def test_regenerate_request_has_context_and_target_then_apply_plays_it():
     assert snap["owners"][4:6] == ["coperformer"] * 2
     assert snap["tokens"][64:96] == gens[0].tokens
     assert snap["owners"][0] == snap["owners"][6] == "player"
-    tok, version = perf.output_token(64 + 128 * 3)  # every pass plays it
+    tok, version, _ = perf.output_token(64 + 128 * 3)  # every pass plays it
     assert tok == gens[0].tokens[0]
     assert perf.output_token(95)[1] == version  # one version over the candidate's bars
     assert perf.output_token(0) is None and perf.output_token(40) is None

@@ -118,3 +118,34 @@ def test_legato_hand_over_keeps_the_coperformer_bar(jack_server, tmp_path) -> No
         assert ons_at(d, step) == [first], (
             f"bar 5's note {first} did not start at step {step}: {ons_at(d, step)}; log:\n{log}")
     assert sounding_after(d.rec.messages()) == set()
+
+
+def test_regenerate_during_the_target_bar_sounds_from_the_next_step(jack_server,  # noqa: F811
+                                                                     tmp_path) -> None:
+    d = start_daemon(tmp_path)
+    ticks = Ticks(d.rec)
+    line = 4 * STEPS_PER_BAR
+    try:
+        old = regenerate(d, bar=5, seed=3)[0] + PITCH_MIN  # one note held through bar 5
+        d.rec.send(cc(31, 127))
+        ticks.wait(line + 2)  # bar 5 step 2: the old note sounds, press regenerate
+        new = regenerate(d, bar=5, seed=4, count=2)[0] + PITCH_MIN
+        ticks.wait(line + STEPS_PER_BAR + 1)
+        d.rec.send(cc(31, 0))
+        d.wait_log("all notes off (stop)", count=2)
+        time.sleep(0.2)
+    finally:
+        rc = d.stop()
+    assert rc == 0 and old != new
+    notes = [(t // TICKS, m.type if m.velocity else "note_off", m.note)
+             for t, m in out_notes(d.rec.messages()) if t % TICKS == 0]
+    assert (line, "note_on", old) in notes
+    switch = [step for step, kind, pitch in notes if kind == "note_on" and pitch == new]
+    log = "".join(d.log[-30:])
+    assert switch, f"the new candidate's note {new} never sounded in bar 5: {notes}; log:\n{log}"
+    step = switch[0]
+    # It sounds from the step after the result (the press was at step 2), the old note ended
+    # at that very step: no gap, no overlap.
+    assert line + 2 < step <= line + 8, notes
+    assert notes.index((step, "note_off", old)) < notes.index((step, "note_on", new)), notes
+    assert sounding_after(d.rec.messages()) == set()

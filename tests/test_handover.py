@@ -29,7 +29,7 @@ def test_a_note_released_within_tolerance_of_the_line_claims_and_silences_nothin
     perf.note_on(60, 90, 8.0)  # bar 1 step 8, held towards the line
     play(perf, [], until=LINE - 1)
     # The plan for the bar's first step is made while the note is still down.
-    assert perf.output_token(LINE) == (tokens[0], perf.output_token(LINE + 1)[1])
+    assert perf.output_token(LINE)[:2] == (tokens[0], perf.output_token(LINE + 1)[1])
     play(perf, [], until=int(release))
     perf.note_off(60, release)
     play(perf, [], until=LINE + 4)
@@ -101,3 +101,34 @@ def test_follow_a_calls_last_note_ending_before_the_line_keeps_the_responses_fir
     snap = perf.snapshot()
     assert snap["owners"][6:] == ["player", "coperformer"]
     assert snap["tokens"][112:128] == tokens
+
+
+# ----- a candidate arriving while its bar plays -------------------------------------------
+def test_output_names_the_note_a_hold_continues_within_its_candidate():
+    perf = Performance(target=(2, 2))
+    request = perf.make_request("regenerate", seed=1, temperature=0.0)
+    _, gens = generate(perf, FakeEngine(), seed=1, temperature=0.0)  # a held note per bar
+    tokens = gens[0].tokens
+    assert request.bars == 2 and tokens[1] == HOLD
+    assert perf.output_token(LINE) == (tokens[0], perf.output_token(LINE)[1], tokens[0])
+    assert perf.output_token(LINE + 5)[2] == tokens[0]
+    assert perf.output_token(LINE + 16 + 3)[2] == tokens[16]
+    assert perf.output_token(LINE + 128 + 9)[2] == tokens[0]  # every pass
+
+
+def test_a_leading_hold_continues_nothing_and_the_players_bar_is_a_boundary():
+    perf = Performance(target=(2, 1))
+    perf.set_target(2, 1)
+    engine = FakeEngine()
+    _, gens = generate(perf, engine, seed=1, temperature=0.0)
+    perf.set_target(3, 1)
+    request = perf.make_request("regenerate", seed=2, temperature=0.0)
+    perf.apply(request, [engine.infill(request.tokens, 3, 3, seed=2, temperature=0.0)])
+    # bar 3 is another candidate (another version): its steps continue only its own note
+    assert perf.output_token(2 * 16 + 4)[2] == perf.snapshot()["tokens"][32]
+    tokens = list(gens[0].tokens)
+    tokens[0] = HOLD  # a candidate that starts by holding: continues nothing of its own
+    perf.set_target(2, 1)
+    request = perf.make_request("regenerate", seed=3)
+    perf.apply(request, [type(gens[0])(tokens, 2, 2, gens[0].z)])
+    assert perf.output_token(LINE + 3) == (HOLD, perf.output_token(LINE)[1], None)

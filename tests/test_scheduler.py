@@ -123,3 +123,28 @@ def test_random_streams_never_hang_or_double() -> None:
     for kind, note in out.notes():
         (on.add if kind == "on" else on.discard)(note)
     assert on == set()
+
+
+def test_new_content_arriving_mid_note_starts_the_note_it_holds() -> None:
+    # (token, version, pitch token of the note the step belongs to), as output_token gives it.
+    out = Out()
+    s = Scheduler(out)
+    run(s, [(7, 1, 7), (HOLD, 1, 7), (HOLD, 2, 12), (HOLD, 2, 12), (3, 2, 3)])
+    assert out.notes() == [("on", PITCH_MIN + 7), ("off", PITCH_MIN + 7),
+                           ("on", PITCH_MIN + 12), ("off", PITCH_MIN + 12), ("on", PITCH_MIN + 3)]
+
+
+def test_a_hold_of_the_same_content_whose_onset_was_missed_stays_silent() -> None:
+    out = Out()
+    s = Scheduler(out)
+    run(s, [(REST, 1, None)])
+    s.fire(1)  # the onset step sounded without its plan: its note is missing, never late
+    run(s, [(HOLD, 1, 4), (HOLD, 1, 4), (REST, 1, None)], start=2)
+    assert out.notes() == []
+
+
+def test_a_leading_hold_of_new_content_continues_nothing() -> None:
+    out = Out()
+    s = Scheduler(out)
+    run(s, [(7, 1, 7), (HOLD, 2, None), (HOLD, 2, None)])
+    assert out.notes() == [("on", PITCH_MIN + 7), ("off", PITCH_MIN + 7)]
