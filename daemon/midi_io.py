@@ -33,6 +33,8 @@ from types import TracebackType
 import mido
 import rtmidi
 
+from daemon.safelog import Throttle
+
 log = logging.getLogger(__name__)
 
 _APIS = {"alsa": rtmidi.API_LINUX_ALSA, "jack": rtmidi.API_UNIX_JACK,
@@ -117,6 +119,7 @@ class MidiInput:
         self._queue: asyncio.Queue[tuple[list[int], float]] = asyncio.Queue(maxsize)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dropped = 0
+        self.parse_errors = Throttle(log)  # .total: unparsable messages since the start
 
     def _callback(self, event: tuple[list[int], float], _data: object) -> None:
         # Foreign thread: hand over and return; nothing else may happen here.
@@ -162,16 +165,25 @@ class MidiInput:
         """The next parsed message; SysEx and unparsable bytes are logged and skipped."""
         while True:
             data, t = await self._queue.get()
-            msg = parse(data)
+            msg = parse(data, self.parse_errors)
             if msg is not None:
                 return Received(msg, t)
 
 
-def parse(data: list[int]) -> mido.Message | None:
+_UNPARSABLE = Throttle(log)  # for callers without their own counter
+
+
+def parse(data: list[int], errors: Throttle | None = None) -> mido.Message | None:
+    """A channel or realtime message, or None (counted in `errors` if it did not parse).
+
+    Parsing must never raise: mido raises IndexError on a truncated `E0` or `F2 10`,
+    ValueError on unknown status bytes; a flood of either is one warning per interval."""
     try:
         msg = mido.Message.from_bytes(data)
-    except (ValueError, TypeError) as e:
-        log.warning("ignored unparsable MIDI bytes %s: %s", bytes(data[:16]).hex(" "), e)
+    except Exception as e:  # noqa: BLE001 - any parse failure is bad input, never fatal
+        (errors or _UNPARSABLE).warning("ignored unparsable MIDI bytes %s: %s: %s",
+                                        " ".join(f"{b:02x}" for b in data[:16]) or "(none)",
+                                        type(e).__name__, e)
         return None
     if msg.type == "sysex":
         log.info("ignored SysEx (%d bytes)", len(data))

@@ -11,6 +11,7 @@ import mido
 import pytest
 
 from daemon.midi_io import MidiBackendError, MidiInput, MidiOutput, accepts, parse, resolve_api
+from daemon.safelog import Throttle
 from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
 
 
@@ -98,5 +99,49 @@ async def test_connect_to_an_existing_port_by_name(jack_server) -> None:  # noqa
         with pytest.raises(MidiBackendError, match="matches none"):
             async with MidiInput("conn", "jack", connect="no-such-port"):
                 pass
+    finally:
+        rec.close()
+
+
+TRUNCATED = [[0xE0], [0xE5, 0x10], [0xF1], [0xF2], [0xF2, 0x10], [], [0x90, 60], [0x40], [0xF4]]
+
+
+def test_truncated_and_unknown_bytes_are_counted_not_raised() -> None:
+    """Issue 15 defect 1: mido raises IndexError on `E0`; any parse error is skipped."""
+    t = [0.0]
+    errors = Throttle(logging.getLogger("daemon.midi_io"), every_s=5.0, clock=lambda: t[0])
+    for data in TRUNCATED:
+        assert parse(data, errors) is None
+    assert errors.total == len(TRUNCATED)
+
+
+def test_unparsable_midi_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15 defect 9: one warning per interval, counting the rest, not one per message."""
+    caplog.set_level(logging.WARNING, logger="daemon.midi_io")
+    t = [0.0]
+    errors = Throttle(logging.getLogger("daemon.midi_io"), every_s=5.0, clock=lambda: t[0])
+    for _ in range(3000):
+        parse([0xE0], errors)
+    assert len(caplog.records) == 1
+    t[0] = 6.0
+    parse([0xF2], errors)
+    assert len(caplog.records) == 2 and "2999 more" in caplog.records[1].getMessage()
+    assert errors.total == 3001
+
+
+@pytest.mark.jack
+async def test_truncated_messages_through_jack_are_skipped(jack_server) -> None:  # noqa: F811
+    """Issue 15 defect 1 through a real port: `E0`, `F2 10` ... then a note still arrives."""
+    name = f"tr{uuid.uuid4().hex[:4]}"
+    rec = Recorder(f"{name}peer")
+    try:
+        async with MidiInput(name, "jack") as inp, MidiOutput(name, "jack"):
+            await asyncio.to_thread(rec.connect, name)
+            for data in ([0xE0], [0xE5, 0x10], [0xF1], [0xF2], [0xF2, 0x10]):
+                rec._out.send_message(data)
+            rec.send(mido.Message("note_on", note=65, velocity=70))
+            got = await asyncio.wait_for(inp.receive(), 5)
+            assert got.msg == mido.Message("note_on", note=65, velocity=70)
+            assert inp.parse_errors.total >= 1  # what JACK let through was counted
     finally:
         rec.close()
