@@ -11,7 +11,7 @@ from engine import tokens as tk
 from engine.decoding import CachedDecoder, nucleus
 from engine.model import CLSM, CLSMConfig
 from tests.midi_factory import Track, scale_melody, write_midi
-from training import baselines, evaluate
+from training import baselines, evaluate, snapshot
 from training.baselines import LMConfig, PaperVAE, TransformerLM, VAEConfig, checkpoint_kind, load_model
 from training.data import SPLITS
 from training.eval_models import Decoding
@@ -234,3 +234,13 @@ def test_training_entry_writes_a_loadable_checkpoint(tmp_path, kind, monkeypatch
     assert {"model", "optimizer", "model_args", "step", "config", "metrics"} <= set(ckpt)
     model, loaded_kind = load_model(tmp_path / kind / "ckpt.pt")
     assert loaded_kind == kind and not model.training
+    snapshot.write_snapshot(tmp_path / kind / "ckpt.pt", tmp_path / "snap.pt")
+    baselines.main(["--kind", kind, "--data", str(data), "--out", str(tmp_path / "fresh"),
+                    "--max-steps", "3", "--quiet", "--resume", str(tmp_path / "snap.pt")])
+    assert load_checkpoint(tmp_path / "fresh" / "ckpt.pt")["step"] == 3
+    snapshot.write_snapshot(tmp_path / "fresh" / "ckpt.pt", tmp_path / "ship.pt", ship=True)
+    shipped, _ = load_model(tmp_path / "ship.pt")
+    fresh, _ = load_model(tmp_path / "fresh" / "ckpt.pt")
+    assert "optimizer" not in load_checkpoint(tmp_path / "ship.pt")
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4)  # fp16 storage, fp32 compute
+               for a, b in zip(fresh.state_dict().values(), shipped.state_dict().values(), strict=True))

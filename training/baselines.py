@@ -46,6 +46,7 @@ from training.data import load_windows
 from training.train import (
     load_checkpoint,
     load_train_config,
+    resume_path,
     run_arguments,
     save_checkpoint,
     training_loop,
@@ -265,12 +266,23 @@ def train(args: argparse.Namespace) -> Path:
     if len(valid_w) == 0:
         valid_w = train_w[:256]
     model = new_model(args.kind, config["model"])
+    step = 0
+    resume = resume_path(args, out)
+    if resume:  # the snapshot's own sizes and step (the config's sizes may differ)
+        ckpt = load_checkpoint(resume)
+        model, _ = load_model(resume)
+        model.train()
+        step = ckpt["step"]
+        rng = np.random.default_rng([tcfg["seed"], step])
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+    if resume:
+        opt.load_state_dict(ckpt["optimizer"])
+        log.info("resumed from %s at step %d", resume, step)
     log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
              len(train_w), splits[0], len(valid_w), splits[1])
 
     step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
-                                  out=out, max_steps=args.max_steps, minutes=args.minutes,
+                                  out=out, step=step, max_steps=args.max_steps, minutes=args.minutes,
                                   quiet=args.quiet)
     metrics["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"], tcfg["target_bars"])
     save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
@@ -282,6 +294,8 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = run_arguments(__doc__.splitlines()[0], default_threads=1)
     p.add_argument("--kind", choices=("vae", "lm"), required=True)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from out/ckpt.pt, or from CKPT (a committed snapshot)")
     p.add_argument("--gamma", type=float, default=0.4,
                    help=f"VAE KL weight (paper's grid {PAPER_GAMMAS}; 0.4 its comparison point)")
     p.add_argument("--anneal-steps", type=int, default=2000, help="VAE: gamma rises from 0 over")
