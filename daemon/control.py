@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.safelog import show
+
 log = logging.getLogger(__name__)
 
 N_BARS = 8
@@ -57,9 +59,9 @@ def _int(lo: int, hi: int, *, none_ok: bool = False) -> Check:
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # 5.0 from a JSON library that writes floats is still bar 5
         if isinstance(value, bool) or not isinstance(value, int):
-            raise CommandError(f"{action}: '{name}' must be an integer, got {value!r}")
+            raise CommandError(f"{action}: '{name}' must be an integer, got {show(value)}")
         if not lo <= value <= hi:
-            raise CommandError(f"{action}: '{name}' must be {lo}..{hi}, got {value}")
+            raise CommandError(f"{action}: '{name}' must be {lo}..{hi}, got {show(value)}")
         return value
 
     return check
@@ -68,9 +70,10 @@ def _int(lo: int, hi: int, *, none_ok: bool = False) -> Check:
 def _num(lo: float, hi: float) -> Check:
     def check(action: str, name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise CommandError(f"{action}: '{name}' must be a number, got {value!r}")
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise CommandError(f"{action}: '{name}' must be {lo:g}..{hi:g}, got {value}")
+            raise CommandError(f"{action}: '{name}' must be a number, got {show(value)}")
+        # an int is compared as an int: float(10**400) and math.isfinite(10**400) overflow
+        if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
+            raise CommandError(f"{action}: '{name}' must be {lo:g}..{hi:g}, got {show(value)}")
         return float(value)
 
     return check
@@ -80,7 +83,8 @@ def _choice(*choices: Any) -> Check:
     def check(action: str, name: str, value: Any) -> Any:
         # `True in (1, -1)` is true in Python: refuse bools unless they are the choices.
         if (isinstance(value, bool) and bool not in map(type, choices)) or value not in choices:
-            raise CommandError(f"{action}: '{name}' must be one of {list(choices)}, got {value!r}")
+            raise CommandError(
+                f"{action}: '{name}' must be one of {list(choices)}, got {show(value)}")
         return value
 
     return check
@@ -88,7 +92,7 @@ def _choice(*choices: Any) -> Check:
 
 def _bool(action: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise CommandError(f"{action}: '{name}' must be true or false, got {value!r}")
+        raise CommandError(f"{action}: '{name}' must be true or false, got {show(value)}")
     return value
 
 
@@ -141,7 +145,7 @@ def parse_command(obj: Any, source: str = "mqtt") -> Command:
         raise CommandError(f"missing 'action'; one of {sorted(ACTIONS)}")
     action = obj["action"]
     if not isinstance(action, str) or action not in ACTIONS:
-        raise CommandError(f"unknown action {action!r}; one of {sorted(ACTIONS)}")
+        raise CommandError(f"unknown action {show(action)}; one of {sorted(ACTIONS)}")
     cid = obj.get("id")
     if cid is not None and (not isinstance(cid, str) or len(cid) > MAX_ID_LEN):
         raise CommandError(f"'id' must be a string of at most {MAX_ID_LEN} characters")
@@ -149,7 +153,8 @@ def parse_command(obj: Any, source: str = "mqtt") -> Command:
     extra = sorted(str(k) for k in obj if k not in spec and k not in ("action", "id"))
     if extra:
         allowed = sorted(spec) or "none"
-        raise CommandError(f"{action}: unknown field(s) {extra}; allowed: {allowed}")
+        names = ", ".join(show(k, 40) for k in extra[:5]) + (", ..." if len(extra) > 5 else "")
+        raise CommandError(f"{action}: unknown field(s) [{names}]; allowed: {allowed}")
     args = dict(DEFAULTS.get(action, {}))
     for name, (check, required) in spec.items():
         if name in obj:
@@ -182,6 +187,8 @@ def parse_payload(data: bytes | bytearray | str, max_size: int) -> Command:
         ) from None
     except RecursionError:
         raise CommandError("malformed JSON: nested too deeply") from None
+    except ValueError as err:  # an integer past Python's 4300-digit conversion limit
+        raise CommandError(f"malformed JSON: {show(str(err), 80)}") from None
     return parse_command(obj, "mqtt")
 
 

@@ -238,3 +238,36 @@ def test_coalescer_keeps_latest_per_action():
     c.put(parse_command({"action": "vary", "delta": 0.1}))
     c.put(parse_command({"action": "vary", "delta": 0.9}))
     assert [x.args for x in c.drain()] == [{"delta": 0.9}]
+
+
+# ----- issue 15: huge integers, huge and hostile values -------------------------------------
+HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize("field_json", [
+    f'"action": "tempo", "bpm": {HUGE}',
+    f'"action": "interpolate", "alpha": {HUGE}',
+    f'"action": "vary", "delta": -{HUGE}',
+    f'"action": "temperature", "value": {HUGE}',
+    f'"action": "regenerate", "temperature": {HUGE}',
+    f'"action": "regenerate", "first_bar": {HUGE}',
+    f'"action": "seed", "value": {"9" * 5000}',  # past Python's 4300-digit str() limit
+])
+def test_huge_integers_are_a_command_error(field_json: str) -> None:
+    """Defect 3: OverflowError (math.isfinite) or the int-digits ValueError, never a crash."""
+    with pytest.raises(CommandError) as info:
+        parse_payload(("{" + field_json + "}").encode(), 65536)
+    assert len(str(info.value)) < 300  # the value is described, not printed in full
+
+
+def test_error_texts_clip_long_values_and_escape_control_characters() -> None:
+    """Defect 9: a 60 kB bad value makes a short error; a newline in it forges nothing."""
+    with pytest.raises(CommandError) as info:
+        parse_command({"action": "mode", "value": "x" * 60000})
+    assert len(str(info.value)) < 400 and "60000 chars" in str(info.value)
+    with pytest.raises(CommandError) as info:
+        parse_command({"action": "fly\nINFO daemon: forged"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(CommandError) as info:
+        parse_command({"action": "undo", "x" * 5000: 1, "b\n": 2})
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)
