@@ -244,3 +244,15 @@ def test_training_entry_writes_a_loadable_checkpoint(tmp_path, kind, monkeypatch
     assert "optimizer" not in load_checkpoint(tmp_path / "ship.pt")
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4)  # fp16 storage, fp32 compute
                for a, b in zip(fresh.state_dict().values(), shipped.state_dict().values(), strict=True))
+
+
+def test_saved_result_reprints_as_markdown(tmp_path, tiny_files, capsys):
+    saved = tmp_path / "eval.json"
+    evaluate.main(["--checkpoint", str(tiny_files["clsm"]), "--data", str(tiny_files["data"]),
+                   "--n", "2", "--batch", "2", "--out", str(saved)])
+    capsys.readouterr()
+    evaluate.main(["--from", str(saved), "--markdown"])
+    md = capsys.readouterr().out
+    assert md.count("| real data |") == 2 and md.count("| clsm |") == 2  # 1 set x 2 cases
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(tiny_files["data"])])  # no model, no --from

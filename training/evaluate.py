@@ -3,7 +3,9 @@
     python -m training.evaluate --checkpoint models/clsm-default [--checkpoint runs/X/ckpt.pt ..]
         [--baseline models/baselines/vae-g0.4.pt ..] [--lm models/baselines/lm.pt]
         --data cache/windows.npz|MIDI_DIR [--split test] [--n 128] [--batch 8] [--seed 0]
-        [--decoding argmax|temperature=T|top_p=P[,temperature=T]] [--plot DIR] [--json]
+        [--decoding argmax|temperature=T|top_p=P[,temperature=T]] [--plot DIR]
+        [--json | --markdown] [--out FILE.json]
+    python -m training.evaluate --from FILE.json --markdown   # re-print a saved result
 
 Every figure is reported per data set (pop909, nottingham: the songs' folder in the cache) and
 per context case: "left" (the target is the window's last 1-4 bars: left context only) and
@@ -304,13 +306,32 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """The same tables as format_table, as Markdown (for model cards)."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for ds, cases in result["reference"].items():
+        for case in CASES:
+            lines += ["", f"**{ds}, {case} context** (n = {result['settings']['n_per_set']}; "
+                      f"player figures: {result['settings']['decoding']})", "",
+                      "| model | " + " | ".join(h for h, _ in TABLE) + " |",
+                      "|---" * (len(TABLE) + 1) + "|"]
+            rows = [("real data", cases[case])]
+            rows += [(name, e["results"][ds][case]) for name, e in result["models"].items()]
+            lines += ["| " + name + " | " + " | ".join(fmt(r.get(k)) for _, k in TABLE) + " |"
+                      for name, r in rows]
+    return "\n".join(lines[1:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", action="append", default=[], required=True,
+    p.add_argument("--from", dest="from_json", default=None, metavar="FILE.json",
+                   help="print (and plot) a saved result instead of evaluating")
+    p.add_argument("--checkpoint", action="append", default=[],
                    help="CLSM checkpoint or model folder (repeat for several)")
     p.add_argument("--baseline", action="append", default=[], help="paper-VAE checkpoint (repeatable)")
     p.add_argument("--lm", default=None, help="transformer LM checkpoint (scores samples)")
-    p.add_argument("--data", required=True, help="prepared .npz or a folder of MIDI files")
+    p.add_argument("--data", default=None, help="prepared .npz or a folder of MIDI files")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=128, help="windows per data set and case")
     p.add_argument("--batch", type=int, default=8)
@@ -320,21 +341,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="player figures: argmax | temperature=T | top_p=P[,temperature=T]")
     p.add_argument("--plot", default=None, metavar="DIR", help="write the paper's Fig. 3b as PNGs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
     try:
         Decoding.parse(args.decoding)
     except ValueError as e:
         p.error(str(e))
+    if not args.from_json and (not args.checkpoint or not args.data):
+        p.error("--checkpoint and --data are required (or --from a saved result)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = run(args)
+    result = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         from training.plots import plot_fig3b
         for path in plot_fig3b(result, Path(args.plot)):
             log.info("wrote %s", path)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_markdown(result) if args.markdown else format_table(result))
 
 
 if __name__ == "__main__":
