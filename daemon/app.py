@@ -89,6 +89,11 @@ class Daemon:
             "engine": dict(self.worker.engine_info), "engine_worker": self.worker.kind,
             "latency_ms": self.last_latency_ms, "seed": self.seed,
             "temperature": self.temperature,
+            # Timing health: steps that sounded with no plan (lost), plan revisions that came
+            # too late (the first plan played), steps the internal clock skipped after a stall.
+            "dropped_plans": self.scheduler.dropped_plans,
+            "late_plans": self.scheduler.late_plans,
+            "skipped_steps": getattr(self.clock, "late_steps", 0),
         })
         return snap
 
@@ -130,21 +135,27 @@ class Daemon:
         every = self.config["daemon"]["status_every_bars"] * STEPS_PER_BAR
         while True:
             ev = await self.events.get()
-            if ev.kind == "plan":
-                if self.clock.running:
-                    self.scheduler.plan(ev.step, self.performance.output_token(ev.step))
+            if ev.kind == "plan":  # the revision, with the freshest state
+                self._plan(ev.step)
             elif ev.kind == "step":
                 self.performance.advance(float(ev.step))
+                # The next step's first plan, a whole step ahead of it (see daemon/scheduler.py).
+                self._plan(ev.step + 1)
                 if ev.step % every == 0:
                     self._status(ev.step)
             elif ev.kind == "start":
                 self.scheduler.reset_position()
                 self.performance.relocate(float(ev.step))
+                self._plan(ev.step)
                 self.emit({"type": "transport", "value": "start", "step": ev.step})
             elif ev.kind == "stop":
                 self.all_notes_off("stop")
                 self.performance.stop()
                 self.emit({"type": "transport", "value": "stop", "step": ev.step})
+
+    def _plan(self, step: int) -> None:
+        if self.clock.running:
+            self.scheduler.plan(step, self.performance.output_token(step))
 
     def _status(self, step: int) -> None:
         lat = "-" if self.last_latency_ms is None else f"{self.last_latency_ms:.1f} ms"

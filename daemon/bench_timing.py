@@ -8,7 +8,10 @@ and prints, per worker, the onset error against the ideal grid (p50 / p99 / max,
 - `send_ms`: the daemon's send time - the step's ideal time (the daemon's own timing),
 - `arrival_ms`: arrival at the other client - ideal time (includes JACK's period latency),
 - `jitter_ms`: |arrival - ideal - median(arrival - ideal)| (what a listener hears as timing
-  wobble; JACK delivers MIDI per period, so up to one period of it is the server's).
+  wobble; JACK delivers MIDI per period, so up to one period of it is the server's),
+- `timing`: the daemon's own counts from its `state`: `dropped_plans` (steps that sounded with
+  no plan: content lost), `late_plans` (plan revisions too late: the step's first plan played),
+  `skipped_steps` (steps the clock skipped after a stall).
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ async def _child(args: argparse.Namespace) -> None:
                       busy_ms=args.busy_ms, busy_kind=args.load)
     sent: list[tuple[float, float, int]] = []  # (ideal, sent, pitch) per note-on
     ideal = [0.0]
+    daemons: list[Daemon] = []
 
     def instrument(daemon: Daemon) -> None:
+        daemons.append(daemon)
         clock, sched = daemon.clock, daemon.scheduler
         fire, send = clock._fire, sched._send
 
@@ -88,7 +93,9 @@ async def _child(args: argparse.Namespace) -> None:
         daemon.stopping.set()
 
     await serve(config, [regenerate_every_bar], on_ready=instrument, spec=spec)
-    Path(args.out).write_text(json.dumps(sent))
+    snap = daemons[0].snapshot()
+    timing = {k: snap[k] for k in ("dropped_plans", "late_plans", "skipped_steps")}
+    Path(args.out).write_text(json.dumps({"sent": sent, "timing": timing}))
 
 
 # ----- parent: JACK server, recorder, figures ----------------------------------------------
@@ -163,7 +170,8 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         rec.close()
         if rc != 0 or not out.exists():
             raise SystemExit(f"daemon child ({worker}) failed with exit code {rc}")
-        sent = json.loads(out.read_text())
+        child_out = json.loads(out.read_text())
+        sent, timing = child_out["sent"], child_out["timing"]
     arrivals = rec.arrivals
     # Both lists are in send order and JACK MIDI loses nothing, but the recorder may have
     # missed the first notes: walk both, pairing each arrival with the next sent note of its
@@ -181,7 +189,7 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
     med = float(np.median(arr_err)) if arr_err else 0.0
     return {"worker": worker, "notes": len(pairs), "unmatched": len(arrivals) - len(pairs),
             "send_ms": _stats(send_err), "arrival_ms": _stats(arr_err),
-            "jitter_ms": _stats([abs(e - med) for e in arr_err])}
+            "jitter_ms": _stats([abs(e - med) for e in arr_err]), "timing": timing}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             print(f"{r['worker']:8s} notes={r['notes']:4d} send {r['send_ms']} "
-                  f"arrival {r['arrival_ms']} jitter {r['jitter_ms']}")
+                  f"arrival {r['arrival_ms']} jitter {r['jitter_ms']} {r['timing']}")
     return 0
 
 

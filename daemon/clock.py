@@ -84,7 +84,7 @@ class InternalClock:
         self._stopped_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.late_steps = 0
+        self.late_steps = 0  # steps skipped (never played) after a stall
 
     @property
     def bpm(self) -> float:
@@ -163,9 +163,12 @@ class InternalClock:
             ideal = self.ideal_time(step)
             dur = step_seconds(self._bpm)
             if self._now() > ideal + dur / 2:
-                # Woken far too late (machine stalled): never play past steps late.
-                self.late_steps += 1
-                step = math.floor(self.position()) + 1
+                # Woken far too late (machine stalled): never play past steps late. Go on with
+                # the first step whose plan can still be made the usual look-ahead before it.
+                late = step
+                step = math.floor(self.position() + self.lookahead_s / dur) + 1
+                self.late_steps += step - late
+                log.debug("clock: stalled, steps %d..%d skipped", late, step - 1)
                 self._post(ClockEvent("plan", step, self.ideal_time(step)))
                 continue
             if not self._wait_until(ideal):

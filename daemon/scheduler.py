@@ -1,10 +1,13 @@
 """Output scheduler: tokens -> note-on / note-off, decided ahead, sent at the step's ideal time.
 
-The loop `plan`s step k shortly before it sounds (it reads the musical state there, on its own
-thread); the clock `fire`s step k at its ideal time, which only sends the prepared messages.
-The sounding note changes only when a plan is fired, so a plan that misses its step (the loop
-was late) is dropped whole: past steps are never played late, and the next plan still ends
-the note that is really sounding - nothing hangs, nothing doubles.
+The loop `plan`s step k twice: as soon as step k-1 has sounded (a whole step ahead), and again
+shortly before k sounds with the freshest state (the revision replaces the first plan); the
+clock `fire`s step k at its ideal time, which only sends the prepared messages. A loop that is
+late for the revision (a stall longer than the look-ahead) costs freshness, not the step: the
+first plan plays. Only a stall of about a whole step leaves a step with no plan at all.
+The sounding note changes only when a plan is fired, so a plan that misses its step is dropped
+whole: past steps are never played late, and the next plan still ends the note that is really
+sounding - nothing hangs, nothing doubles.
 
 New content (another content version) arriving in the middle of one of its notes sounds from
 the next step: a hold of the new content starts the pitch it holds (the performance names it);
@@ -55,8 +58,10 @@ class Scheduler:
         self._plans: dict[int, Plan] = {}
         self._last_fired: int | None = None
         self._fired_version: int | None = None  # content version of the last fired step
-        self.dropped_plans = 0  # plans that came after their step had passed
+        self.dropped_plans = 0  # steps that sounded with no plan: their content was lost
+        self.late_plans = 0  # plans (revisions) that came after their step had sounded
         self.fired_steps = 0
+        self._voided: set[int] = set()  # steps whose plans all-notes-off threw away on purpose
 
     @property
     def sounding(self) -> Sounding | None:
@@ -73,7 +78,7 @@ class Scheduler:
         """
         with self._lock:
             if self._last_fired is not None and step <= self._last_fired:
-                self.dropped_plans += 1
+                self.late_plans += 1
                 log.debug("plan for step %d came after it sounded; dropped", step)
                 return None
             # A plan made for the previous step but not fired yet is the base of this one.
@@ -111,7 +116,12 @@ class Scheduler:
             for old in [s for s in self._plans if s < step]:
                 del self._plans[old]
             if plan is None:
+                if step not in self._voided:
+                    self.dropped_plans += 1
+                    log.warning("step %d sounded with no plan (the loop was a step late)", step)
+                self._voided.discard(step)
                 return 0
+            self._voided.discard(step)
             if plan.base != self._sounding or plan.prev_version != self._fired_version:
                 # Decided on a plan that never fired: decide again on what really sounds.
                 plan = self._decide(step, plan.output, self._sounding, self._fired_version)
@@ -125,6 +135,7 @@ class Scheduler:
     def all_notes_off(self) -> None:
         """End the sounding note and forget every plan (stop, mode change, panic, failure)."""
         with self._lock:
+            self._voided |= set(self._plans)
             self._plans.clear()
             if self._sounding is not None:
                 self._send(self._off(self._sounding))
@@ -134,6 +145,7 @@ class Scheduler:
         """After a transport jump (start, SPP): steps may repeat, so forget the last fired one."""
         with self._lock:
             self._plans.clear()
+            self._voided.clear()
             self._last_fired = None
             self._fired_version = None
 

@@ -11,7 +11,7 @@ from daemon.app import Daemon, make_cc_mapper, make_performance
 from daemon.config import load_config
 from daemon.control import parse_command
 from daemon.history import run_request
-from engine.tokens import HOLD, REST, STEPS_PER_BAR, is_pitch
+from engine.tokens import HOLD, PITCH_MIN, REST, STEPS_PER_BAR, is_pitch
 from tests.fakes import FakeEngine
 
 
@@ -212,3 +212,45 @@ async def test_coalescer_survives_cancelled_callers() -> None:
         await third
     assert not c.busy
     assert await c.run(quick) == "quick"
+
+
+class SteppedClock:
+    """The clock's side of the timing path, driven by hand: the test decides the order."""
+
+    source, bpm, running = "internal", 120.0, True
+
+    def position(self, now: float | None = None) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_plan_revision_that_comes_too_late_drops_no_step(daemon: Daemon) -> None:
+    """The loop is late for step k's plan (the clock fires k first): k still plays, from the
+    plan made as soon as step k-1 had sounded; the late revision is counted, nothing dropped."""
+    import asyncio
+
+    from daemon.clock import ClockEvent
+    await daemon.handle(cmd({"action": "regenerate", "first_bar": 1, "bars": 1, "seed": 5}))
+    tokens = daemon.snapshot()["tokens"][:STEPS_PER_BAR]
+    k = next(i for i in range(1, STEPS_PER_BAR) if is_pitch(tokens[i]))
+    daemon.clock = SteppedClock()
+    task = asyncio.create_task(daemon._clock_events())
+    try:
+        for step in range(k):
+            daemon.events.put_nowait(ClockEvent("plan", step, 0.0))
+            await asyncio.sleep(0)
+            daemon.scheduler.fire(step)
+            daemon.events.put_nowait(ClockEvent("step", step, 0.0))
+            await asyncio.sleep(0)
+        sent = len(daemon.out.sent)
+        daemon.scheduler.fire(k)  # before the loop saw step k's plan event
+        daemon.events.put_nowait(ClockEvent("plan", k, 0.0))
+        await asyncio.sleep(0)
+    finally:
+        task.cancel()
+    ons = [m.note for m in daemon.out.sent[sent:] if m.type == "note_on" and m.velocity]
+    assert ons == [tokens[k] + PITCH_MIN]
+    snap = daemon.snapshot()
+    assert snap["dropped_plans"] == 0 and snap["late_plans"] == 1

@@ -9,13 +9,21 @@ The fake engine at temperature 0 (CC 86 = 0) plays one note held through each ba
 from __future__ import annotations
 
 import ast
+import asyncio
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import mido
 import pytest
 
-from engine.tokens import PITCH_MIN, STEPS_PER_BAR
+from daemon.app import Daemon as AppDaemon
+from daemon.app import serve
+from daemon.config import load_config
+from daemon.control import parse_command
+from engine.tokens import PITCH_MIN, STEPS_PER_BAR, is_pitch
 from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
 from tests.test_e2e_jack import Daemon, cc, out_notes
 
@@ -149,3 +157,63 @@ def test_regenerate_during_the_target_bar_sounds_from_the_next_step(jack_server,
     assert line + 2 < step <= line + 8, notes
     assert notes.index((step, "note_off", old)) < notes.index((step, "note_on", new)), notes
     assert sounding_after(d.rec.messages()) == set()
+
+
+STALL_S = 0.04  # longer than the 15 ms look-ahead, well under a step (100 ms)
+
+
+def test_a_loop_stalled_before_each_step_drops_no_step(jack_server) -> None:  # noqa: F811
+    """The daemon in this process, so that its event loop can be stalled on purpose: before
+    every step of bar 1, the loop blocks for 40 ms just before the step's plan revision is due
+    (what a GC pause, a slow callback or a descheduled thread does at random). Every note of the
+    candidate must still sound on its step, and `state` must count no dropped plan."""
+    port = f"stall{uuid.uuid4().hex[:5]}"
+    config = load_config(None, {"midi.api": "jack", "midi.port_name": port, "clock.bpm": BPM,
+                                "clock.send_clock": True, "daemon.engine": "fake",
+                                "daemon.engine_worker": "thread"})
+    rec = Recorder(f"{port}peer")
+    connected = threading.Event()
+
+    def connect() -> None:
+        rec.connect(port)
+        connected.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    found: dict = {}
+
+    async def scenario(daemon: AppDaemon) -> None:
+        await daemon.handle(parse_command({"action": "transport", "value": "stop"}))
+        await asyncio.to_thread(connected.wait, 30)
+        result = await daemon.handle(parse_command(
+            {"action": "regenerate", "first_bar": 1, "bars": 2, "seed": 5}))
+        found["tokens"] = result["tokens"]
+        await daemon.handle(parse_command({"action": "transport", "value": "start"}))
+        for step in range(1, 2 * STEPS_PER_BAR):
+            # 0.8 of the way to `step`, i.e. just before its revision is posted (0.85 at
+            # 150 bpm): block the loop, as a stall would, past the step's ideal time.
+            while daemon.clock.position() < step - 0.2:
+                await asyncio.sleep(0.002)
+            if daemon.clock.position() < step - 0.1:
+                time.sleep(STALL_S)  # the stall is the point: block the loop
+        while daemon.clock.position() < 2 * STEPS_PER_BAR + 2:
+            await asyncio.sleep(0.01)
+        await daemon.handle(parse_command({"action": "transport", "value": "stop"}))
+        found["state"] = daemon.snapshot()
+        await asyncio.sleep(0.2)
+        daemon.stopping.set()
+
+    switch = sys.getswitchinterval()
+    try:
+        asyncio.run(serve(config, [scenario]))
+    finally:
+        sys.setswitchinterval(switch)
+        rec.wait_gone(f"{port}-")
+        rec.close()
+    tokens, state = found["tokens"], found["state"]
+    played = {t // TICKS: m.note for t, m in out_notes(rec.messages())
+              if m.type == "note_on" and m.velocity and t % TICKS == 0}
+    want = {step: tok + PITCH_MIN for step, tok in enumerate(tokens) if is_pitch(tok)}
+    missing = {s: p for s, p in want.items() if played.get(s) != p and s >= 1}
+    assert not missing, f"notes missing at steps {sorted(missing)}; state {state}"
+    assert state["dropped_plans"] == 0 and state["late_plans"] >= 1, state
+    assert sounding_after(rec.messages()) == set()

@@ -148,3 +148,15 @@ def test_a_leading_hold_of_new_content_continues_nothing() -> None:
     s = Scheduler(out)
     run(s, [(7, 1, 7), (HOLD, 2, None), (HOLD, 2, None)])
     assert out.notes() == [("on", PITCH_MIN + 7), ("off", PITCH_MIN + 7)]
+
+
+def test_a_step_with_no_plan_is_counted_unless_all_notes_off_voided_it() -> None:
+    s = Scheduler(Out())
+    run(s, [(0, 1)])
+    s.plan(1, (HOLD, 1))
+    s.all_notes_off()  # panic: step 1's plan is thrown away on purpose
+    s.fire(1)
+    assert (s.dropped_plans, s.late_plans) == (0, 0)
+    s.fire(2)  # nobody planned step 2: its content is lost
+    assert s.plan(2, (3, 1)) is None
+    assert (s.dropped_plans, s.late_plans) == (1, 1)
