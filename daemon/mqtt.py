@@ -11,179 +11,46 @@ bounded in-memory buffers (the oldest entry is dropped and counted when full), c
 bounded queue (a flood is answered with "busy" errors), and the broker connection lives in its own
 task that reconnects with jittered exponential backoff (aiomqtt v2 does not reconnect by itself,
 so we re-enter ``async with Client(...)`` and subscribe again on every connect).
+
+Hostile input (issue 15): MQTT 5 so that the broker drops packets over ``max_packet`` before they
+reach Python, and flags commands published retained (retain-as-published); retained commands are
+refused with an error event, never run; a foreign status on our topic is answered with
+``online``; a full incoming queue answers "busy" instead of discarding; counters in ``state``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import logging
-import os
 import random
-import re
 import socket
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from daemon.mqtt_settings import MqttSettings, add_arguments
+from daemon.mqtt_wire import (
+    EVENTS_IN_FLIGHT,
+    BridgeStats,
+    DaemonLike,
+    Parser,
+    bar_seconds,
+    clip,
+    dumps,
+    id_and_action,
+)
 from engine.tokens import STEPS_PER_BAR
 
 log = logging.getLogger(__name__)
 
-LOG_PAYLOAD_CHARS = 120  # payloads in logs are clipped: a 64 KiB command must not flood the log
-_ID_RE = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.){0,200}"|-?\d{1,20})')
-
-
-class DaemonLike(Protocol):
-    """What the bridge needs from daemon.app.Daemon."""
-
-    async def handle(self, command: Any) -> dict: ...  # a result; {"error": ...} or raise = failed
-
-    def snapshot(self) -> dict: ...  # JSON-able: mode, transport, bpm, tokens (docs/mqtt.md)
-
-
-Parser = Callable[[bytes], Any]  # payload -> control.Command; raises ValueError (CommandError)
-
-
-@dataclass
-class MqttSettings:
-    """The ``[mqtt]`` section of the config (configs/default.toml), overridable from the CLI."""
-
-    enabled: bool = False
-    host: str = "localhost"
-    port: int = 1883
-    username: str = ""
-    password: str = ""  # "" = take $CLSM_MQTT_PASSWORD if set (keeps it out of `ps`)
-    tls: bool = False
-    ca_file: str = ""  # "" = the system's CA store
-    tls_insecure: bool = False  # skip host name verification (self-signed test brokers)
-    client_id: str = ""  # "" = <prefix>-<device_id>
-    prefix: str = "clsm"
-    device_id: str = ""  # "" = the host name
-    max_payload: int = 65536  # bytes; larger commands are refused with an error event
-    state_min_interval_s: float = 0.1  # state is published at most this often
-    qos: int = 1
-    keepalive_s: int = 30
-    timeout_s: float = 5.0  # per broker operation; bounds how long shutdown can wait
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    command_queue: int = 32  # commands waiting for the daemon; more = "busy" error
-    event_queue: int = 256  # unsent events kept while the broker is slow or away
-    incoming_queue: int = 256  # aiomqtt's incoming buffer; paho drops beyond it
-
-    @classmethod
-    def from_config(
-        cls, section: Mapping[str, Any], args: argparse.Namespace | None = None
-    ) -> MqttSettings:
-        """Build from a config section (unknown keys are errors) and optional ``--mqtt-*`` args."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(section) - names
-        if unknown:
-            raise ValueError(f"[mqtt]: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-        settings = cls(**dict(section))
-        if args is not None:
-            for name in names:
-                value = getattr(args, f"mqtt_{name}", None)
-                if value is not None:
-                    setattr(settings, name, value)
-            if getattr(args, "mqtt_host", None):
-                settings.enabled = True  # giving a broker on the command line means "use it"
-        return settings.resolved()
-
-    def resolved(self) -> MqttSettings:
-        """Fill the defaults that depend on the machine, and check values."""
-        if not self.device_id:
-            self.device_id = socket.gethostname() or "clsm"
-        # MQTT wildcards or separators in the device id would change which topics we use
-        self.device_id = re.sub(r"[+#/\s]", "_", self.device_id)
-        if self.prefix.strip("/") != self.prefix or any(c in self.prefix for c in "+#"):
-            raise ValueError(f"[mqtt] prefix {self.prefix!r}: no wildcards or edge slashes")
-        if not self.client_id:
-            self.client_id = f"{self.prefix.replace('/', '-')}-{self.device_id}"
-        if not self.password:
-            self.password = os.environ.get("CLSM_MQTT_PASSWORD", "")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"[mqtt] port {self.port} out of range 1..65535")
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"[mqtt] qos {self.qos} must be 0, 1 or 2")
-        for name in ("max_payload", "command_queue", "event_queue", "incoming_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"[mqtt] {name} must be >= 1")
-        return self
-
-    def topic(self, leaf: str) -> str:
-        return f"{self.prefix}/{self.device_id}/{leaf}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--mqtt-*`` options; ``MqttSettings.from_config(section, args)`` reads them."""
-    g = parser.add_argument_group("MQTT (override [mqtt] of the config)")
-    g.add_argument("--mqtt-host", help="broker host; giving it enables MQTT")
-    g.add_argument("--mqtt-port", type=int)
-    for name in ("username", "password", "ca-file", "client-id", "prefix", "device-id"):
-        g.add_argument(f"--mqtt-{name}")  # password: prefer $CLSM_MQTT_PASSWORD
-    for flag in ("tls", "tls-insecure"):
-        g.add_argument(f"--mqtt-{flag}", action="store_true", default=None)
-
-
-@dataclass
-class BridgeStats:
-    """Counters for logs, health checks and the soak test."""
-
-    connects: int = 0
-    connect_failures: int = 0
-    commands_received: int = 0
-    commands_handled: int = 0
-    errors_sent: int = 0  # error events queued (bad input, busy, failed commands)
-    busy: int = 0  # commands refused because the command queue was full
-    events_dropped: int = 0  # oldest unsent events dropped because the buffer was full
-    state_published: int = 0
-    state_dropped: int = 0  # state snapshots replaced by a newer one before being sent
-    state_coalesced: int = 0  # change notifications folded into a later snapshot
-    handler_crashes: int = 0
-
-
-def clip(payload: bytes | str, n: int = LOG_PAYLOAD_CHARS) -> str:
-    """A payload for a log line: decoded leniently and clipped."""
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-    return text if len(text) <= n else f"{text[:n]}... ({len(text)} chars)"
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy arrays / scalars in snapshots; anything else becomes its string
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
-
-
-def _id_and_action(payload: bytes, limit: int) -> tuple[Any, str | None]:
-    """Best effort: the id (and action) of a command that failed validation, to echo back."""
-    obj: Any = None
-    if len(payload) <= limit:
-        with contextlib.suppress(ValueError, RecursionError):
-            obj = json.loads(payload)
-    if not isinstance(obj, dict):  # oversized or not JSON: look near the start
-        m = _ID_RE.search(payload[:1024])
-        obj = {}
-        with contextlib.suppress(ValueError):
-            obj = {"id": json.loads(m.group(1))} if m else {}
-    cid, action = obj.get("id"), obj.get("action")
-    if isinstance(cid, str):
-        cid = cid[:200]
-    elif not isinstance(cid, int | float) or isinstance(cid, bool):
-        cid = None  # objects or lists are not echoed
-    return cid, action if isinstance(action, str) else None
-
+__all__ = ["MqttBridge", "MqttSettings", "add_arguments", "BridgeStats", "DaemonLike"]
 
 @dataclass(eq=False)
 class MqttBridge:
@@ -255,9 +122,49 @@ class MqttBridge:
             will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
             tls_params=tls, tls_insecure=s.tls_insecure if s.tls else None,
             max_queued_incoming_messages=s.incoming_queue,
+            queue_type=self._incoming_queue_type(),
+            # MQTT 5: the broker drops packets over our maximum before they reach Python, and
+            # tells us whether a command was published retained (retain-as-published)
+            protocol=aiomqtt.ProtocolVersion.V5, properties=self._connect_properties(),
             # small packets must not wait for the broker's delayed ACK (Nagle): tens of ms
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = self.settings.max_packet
+        return props
+
+    def _incoming_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """aiomqtt's incoming queue, but a full one answers "busy" instead of discarding.
+
+        paho reads every packet a socket read brought in one go, so a flood fills the queue
+        before our reader runs; aiomqtt would drop the rest (after acknowledging them)."""
+        bridge = self
+
+        class Incoming(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if self.full():
+                    bridge._overflow(item)
+                else:
+                    super().put_nowait(item)
+
+        return Incoming
+
+    def _overflow(self, message: aiomqtt.Message) -> None:
+        try:
+            if not message.topic.matches(self.cmd_topic):
+                return
+            payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) \
+                else str(message.payload).encode()
+            self.stats.commands_received += 1
+            self.stats.busy += 1
+            self._error("busy: the daemon is reading a flood of commands, try again later",
+                        *id_and_action(payload, self.settings.max_payload))
+            self.notify_state_changed()
+        except Exception:  # noqa: BLE001 - runs inside paho's callback: never raise there
+            self.stats.handler_crashes += 1
+            log.exception("MQTT overflow handler failed")
 
     async def _connection_loop(self) -> None:
         attempt = 0
@@ -287,7 +194,12 @@ class MqttBridge:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         # subscribe first so that a retained "online" means "ready for commands"
-        await client.subscribe(self.cmd_topic, qos=self.settings.qos)
+        await client.subscribe(self.cmd_topic, options=SubscribeOptions(
+            qos=self.settings.qos, retainAsPublished=True))
+        # someone else's status on our topic (a spoofed or stale `offline`) is answered; our
+        # own publishes (noLocal) and what was retained before we came (we overwrite it) not
+        await client.subscribe(self.status_topic, options=SubscribeOptions(
+            qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
         await client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.stats.connects += 1
         self.connected.set()
@@ -310,10 +222,41 @@ class MqttBridge:
     async def _reader(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             try:
-                self._on_message(message.payload)
+                if message.topic.matches(self.status_topic):
+                    await self._on_status(client, message.payload)
+                elif message.retain:
+                    self._refuse_retained(message.payload)
+                else:
+                    self._on_message(message.payload)
+            except aiomqtt.MqttError:
+                raise  # the connection is gone: reconnect
             except Exception:  # noqa: BLE001 - one bad message must not drop the connection
                 self.stats.handler_crashes += 1
                 log.exception("MQTT handler failed on %s", clip(message.payload))
+                with contextlib.suppress(Exception):  # still an answer, never silence
+                    payload = message.payload if isinstance(message.payload, bytes) else b""
+                    self._error("internal error on this command; it was not run",
+                                *id_and_action(payload, self.settings.max_payload))
+
+    async def _on_status(self, client: aiomqtt.Client, payload: Any) -> None:
+        if payload == b"online":
+            return  # another bridge with our device id; nothing is wrong with what it says
+        self.stats.status_reasserted += 1
+        log.warning("foreign status %s on %s: publishing online again", clip(payload),
+                    self.status_topic)
+        await client.publish(self.status_topic, b"online", qos=1, retain=True)
+
+    def _refuse_retained(self, payload: Any) -> None:
+        """A retained command would run again at every start and reconnect: never run it."""
+        data = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        if not data:
+            return  # someone clearing a retained command: not a command itself
+        self.stats.commands_received += 1
+        self.stats.retained_refused += 1
+        log.warning("MQTT retained command refused: %s", clip(data))
+        self._error("retained commands are never run; publish commands without the retain flag "
+                    "(and clear the retained one: publish an empty retained message to "
+                    f"{self.cmd_topic})", *id_and_action(bytes(data), self.settings.max_payload))
 
     def _on_message(self, payload: Any) -> None:
         """Validate one ``cmd`` payload and queue it, or answer with an error event."""
@@ -324,7 +267,7 @@ class MqttBridge:
             command = self.parse(bytes(payload))  # type: ignore[misc]
         except ValueError as exc:  # CommandError: the message names the problem
             log.info("MQTT cmd rejected (%s): %s", exc, clip(payload))
-            self._error(str(exc), *_id_and_action(bytes(payload), self.settings.max_payload))
+            self._error(str(exc), *id_and_action(bytes(payload), self.settings.max_payload))
             return
         cid, action = command.id, command.action
         try:
@@ -406,7 +349,8 @@ class MqttBridge:
 
     def _take_snapshot(self, heartbeat: bool) -> None:
         snap = self.daemon.snapshot()
-        self._bar_s = _bar_seconds(snap)
+        self._bar_s = bar_seconds(snap)
+        snap = {**snap, "mqtt": self.stats.for_state()}
         payload = dumps(snap)
         if payload == self._state and not heartbeat:
             return  # nothing that matters changed
@@ -417,29 +361,35 @@ class MqttBridge:
 
     async def _writer(self, client: aiomqtt.Client) -> None:
         qos = self.settings.qos
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            while self._state_unsent or self._events:
-                if self._state_unsent and self._state is not None:
-                    # taken now: a snapshot arriving during the publish is a new one, not a drop
-                    # (a failed publish is redone by the next session, which resends the state)
-                    self._state_unsent = False
-                    await client.publish(self.state_topic, self._state, qos=qos, retain=True)
-                    self.stats.state_published += 1
-                if self._events:
-                    # peek, publish, then pop: an event survives a publish that fails
-                    event = self._events[0]
-                    await client.publish(self.events_topic, event, qos=qos)
-                    if self._events and self._events[0] is event:  # not dropped meanwhile
-                        self._events.popleft()
+        # events go out pipelined (in order, up to EVENTS_IN_FLIGHT awaiting their PUBACK): one
+        # round trip per event would answer a flood slower than it arrives
+        in_flight = asyncio.Semaphore(EVENTS_IN_FLIGHT)
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await self._wake_writer.wait()
+                self._wake_writer.clear()
+                while self._state_unsent or self._events:
+                    if self._state_unsent and self._state is not None:
+                        # taken now: a snapshot arriving during the publish is a new one, not a
+                        # drop (a failed publish is redone by the next session, which resends it)
+                        self._state_unsent = False
+                        await client.publish(self.state_topic, self._state, qos=qos, retain=True)
+                        self.stats.state_published += 1
+                    if self._events:
+                        await in_flight.acquire()
+                        if not self._events:  # dropped while we waited
+                            in_flight.release()
+                            continue
+                        event = self._events.popleft()
+                        tg.create_task(self._send_event(client, event, in_flight))
 
-
-def _bar_seconds(snap: Mapping[str, Any]) -> float | None:
-    """Bar length in seconds while the transport plays (4/4), else None (no heartbeat)."""
-    transport = snap.get("transport")
-    playing = transport in ("playing", "running", "start", "started") or transport is True
-    bpm = snap.get("bpm")
-    if not playing or not isinstance(bpm, int | float) or bpm <= 0:
-        return None
-    return 4 * 60.0 / float(bpm)
+    async def _send_event(self, client: aiomqtt.Client, event: bytes,
+                          in_flight: asyncio.Semaphore) -> None:
+        try:
+            await client.publish(self.events_topic, event, qos=self.settings.qos)
+        except BaseException:
+            # the session is ending: the event goes out with the next one
+            self._events.appendleft(event)
+            raise
+        finally:
+            in_flight.release()
