@@ -169,6 +169,11 @@ class InternalClock:
                 step = math.floor(self.position() + self.lookahead_s / dur) + 1
                 self.late_steps += step - late
                 log.debug("clock: stalled, steps %d..%d skipped", late, step - 1)
+                if self._clock_out is not None and not first:
+                    # A follower counts ticks for its position: catch up at once, or it would
+                    # stay behind by the skipped steps for good.
+                    for _ in range((step - late) * TICKS_PER_STEP):
+                        self._clock_out(mido.Message("clock"))
                 self._post(ClockEvent("plan", step, self.ideal_time(step)))
                 continue
             if not self._wait_until(ideal):

@@ -181,3 +181,30 @@ def test_internal_clock_survives_a_failing_send() -> None:
     # Steps whose plan came late on a loaded machine are skipped, so ask only that the clock
     # went on past the failing step.
     assert r.fired[0] == 0 and 1 not in r.fired and len(r.fired) >= 4
+
+
+def test_internal_clock_after_a_stall_skips_steps_but_keeps_the_tick_count() -> None:
+    # A stall of over half a step: the late steps are not played late, but a device following
+    # our MIDI clock must still count 6 ticks a step, or it stays behind for good.
+    r = Recorder()
+    out: list[str] = []
+    offset = [0.0]
+    dur = step_seconds(300.0)
+
+    def fire(step: int) -> None:
+        r.fire(step)
+        if step == 3 and not offset[0]:
+            offset[0] = 3.4 * dur  # the machine stalls right after step 3
+
+    c = InternalClock(300.0, fire, r.post, lookahead_s=0.01, clock_out=lambda m: out.append(m.type),
+                      now=lambda: time.monotonic() + offset[0])
+    c.start(0)
+    deadline = time.monotonic() + 5
+    while (not r.fired or r.fired[-1] < 10) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with r.lock:  # the clock of the last fired step has gone out right after its fire
+        last, ticks_out = r.fired[-1], out.count("clock")
+    c.stop()
+    skipped = sorted(set(range(last + 1)) - set(r.fired))
+    assert skipped and c.late_steps >= len(skipped)
+    assert 6 * last + 1 <= ticks_out + 1 and ticks_out <= 6 * (last + 1), (last, ticks_out)
