@@ -2,7 +2,7 @@
 
 Data flows one way: MIDI in -> performance (quantizer, buffer) -> engine worker -> scheduler ->
 MIDI out; CCs (and MQTT, via `Daemon.handle`) steer it. The engine never runs on the loop or the
-clock thread. Shutdown (SIGINT/SIGTERM) stops the clock, ends every note and closes the ports.
+clock thread. Shutdown (SIGINT/SIGTERM/SIGHUP) stops the clock, ends every note and closes the ports.
 The command line is in daemon/cli.py.
 """
 
@@ -371,7 +371,7 @@ async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
             daemon = Daemon(config, worker, out, performance, cc)
             daemon.extra_tasks.extend(extra_tasks or [])
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(sig, daemon.stopping.set)
             if on_ready is not None:
                 on_ready(daemon)
@@ -381,5 +381,5 @@ async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
             try:
                 await daemon.run(midi_in)
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     loop.remove_signal_handler(sig)

@@ -207,6 +207,26 @@ def test_sigterm_in_the_middle_of_a_note_ends_it(jack_server, tmp_path) -> None:
     assert any("shutting down" in line for line in d.log)
 
 
+def test_sighup_ends_every_note_like_sigterm(jack_server, tmp_path) -> None:  # noqa: F811
+    """Issue 15 defect 6: SIGHUP had no handler and the process died with notes sounding."""
+    d = Daemon(tmp_path, "--bpm", "120")
+    try:
+        d.wait_log("ready:")
+        d.rec.send(cc(20, 0))  # bars 1-4
+        d.rec.send(cc(21, 127))
+        d.rec.send(cc(22, 127))
+        sounding = d.rec.wait_for(lambda ms: bool(sounding_after(
+            [(t, m) for t, m in ms if getattr(m, "channel", -1) == 0])), timeout=20)
+        assert sounding, f"no note ever sounded; log:\n{''.join(d.log[-20:])}"
+        d.proc.send_signal(signal.SIGHUP)
+        rc = d.proc.wait(15)
+    finally:
+        d.stop()
+    assert rc == 0
+    assert sounding_after(d.rec.messages()) == set()
+    assert any("shutting down" in line for line in d.log)
+
+
 @pytest.fixture(scope="module")
 def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model folder with random weights, exported like the shipped one (about 5 s)."""
