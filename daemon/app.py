@@ -339,7 +339,7 @@ def make_performance(config: Config) -> Any:
     from daemon.buffer import Performance
     d, m = config["daemon"], config["midi"]
     return Performance(mode=d["mode"], polyphony=m["polyphony"], record=d["record"],
-                       target=(1, d["regen_bars"]))
+                       target=(1, d["regen_bars"]), max_hold_bars=d["max_hold_bars"])
 
 
 def make_cc_mapper(config: Config) -> Any:

@@ -1,8 +1,8 @@
 """Configuration: configs/default.toml, merged with a user TOML, then CLI overrides.
 
 Every section and key of a user config is optional (missing keys fall back to the
-defaults); an unknown key or a value of the wrong type is an error that names the key,
-so a typo never silently does nothing.
+defaults); an unknown key, a value of the wrong type or out of its range (SCHEMA) is an error
+that names the key and what it allows, so a typo never silently does nothing.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import copy
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from daemon.safelog import show
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -38,15 +41,15 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{key} must be {type(default).__name__}, got {show(value, 60)}")
     if isinstance(default, float) and isinstance(value, int):
         return float(value)  # `bpm = 96` is as good as `bpm = 96.0`
     if isinstance(default, dict):
         if not isinstance(value, Mapping):
-            raise ConfigError(f"[{key}] must be a table, got {value!r}")
+            raise ConfigError(f"[{key}] must be a table, got {show(value, 60)}")
         return value
     if not isinstance(value, type(default)):
-        raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{key} must be {type(default).__name__}, got {show(value, 60)}")
     return value
 
 
@@ -57,7 +60,7 @@ def merge(base: Config, user: Mapping[str, Any], prefix: str = "") -> Config:
         name = f"{prefix}{key}"
         if key not in out:
             known = ", ".join(sorted(out)) or "none"
-            raise ConfigError(f"unknown config key {name!r} (known here: {known})")
+            raise ConfigError(f"unknown config key {show(name, 60)} (known here: {known})")
         value = _check_type(name, out[key], value)
         if isinstance(out[key], dict):
             out[key] = merge(out[key], value, prefix=f"{name}.")
@@ -72,10 +75,10 @@ def set_dotted(config: Config, dotted: str, value: Any) -> None:
     table = config
     for s in sections:
         if not isinstance(table.get(s), dict):
-            raise ConfigError(f"unknown config section {s!r} in {dotted!r}")
+            raise ConfigError(f"unknown config section {show(s, 60)} in {show(dotted, 60)}")
         table = table[s]
     if key not in table:
-        raise ConfigError(f"unknown config key {dotted!r}")
+        raise ConfigError(f"unknown config key {show(dotted, 60)}")
     table[key] = _check_type(dotted, table[key], value)
 
 
@@ -95,34 +98,120 @@ def load_config(
     return config
 
 
-_CHOICES = {
-    ("midi", "api"): ("auto", "alsa", "jack", "coremidi"),
-    ("midi", "polyphony"): ("highest", "latest"),
-    ("clock", "source"): ("internal", "external"),
-    ("daemon", "mode"): ("loop", "follow"),
-    ("daemon", "engine"): ("real", "fake"),
-    ("daemon", "engine_worker"): ("thread", "process"),
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `lo` to `hi`; an open end excludes its bound."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return above and value <= self.hi and value == value  # NaN is in no range
+
+    def __str__(self) -> str:
+        fmt = "{:g}".format
+        return f"in ({fmt(self.lo)}, {fmt(self.hi)}]" if self.lo_open \
+            else f"{fmt(self.lo)}..{fmt(self.hi)}"
+
+
+class Choices(tuple):
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(str, self))
+
+
+class NonEmpty:
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value.strip() != ""
+
+    def __str__(self) -> str:
+        return "a non-empty string"
+
+
+# One schema for every value the daemon reads (types come from configs/default.toml; a key
+# not there is unknown). "section.*" applies to every key of a table. [model] and [train] are
+# the training's; the daemon takes its model's config from the model folder.
+SCHEMA: dict[str, Range | Choices | NonEmpty] = {
+    "engine.backend": Choices(("torchscript", "eager")),
+    "engine.threads": Range(1, 64),
+    "engine.decoding": Choices(("argmax", "sample")),
+    "engine.temperature": Range(0.0, 10.0),
+    "engine.max_batch": Range(1, 64),
+    "midi.api": Choices(("auto", "alsa", "jack", "coremidi")),
+    "midi.port_name": NonEmpty(),
+    "midi.input_channel": Range(0, 16),
+    "midi.output_channel": Range(1, 16),
+    "midi.polyphony": Choices(("highest", "latest")),
+    "clock.source": Choices(("internal", "external")),
+    "clock.bpm": Range(20.0, 300.0),
+    "clock.dropout_s": Range(0.0, 10.0, lo_open=True),
+    "clock.smoothing": Range(0.0, 1.0, lo_open=True),
+    "clock.lookahead_ms": Range(0.0, 40.0, lo_open=True),
+    "clock.spin_ms": Range(0.0, 10.0),
+    "daemon.mode": Choices(("loop", "follow")),
+    "daemon.model": NonEmpty(),
+    "daemon.regen_bars": Range(1, 4),
+    "daemon.interp_steps": Range(1, 64),
+    "daemon.max_hold_bars": Range(1, 7),
+    "daemon.velocity": Range(1, 127),
+    "daemon.status_every_bars": Range(1, 64),
+    "daemon.engine": Choices(("real", "fake")),
+    "daemon.engine_worker": Choices(("thread", "process")),
+    "control.channel": Range(1, 16),
+    "control.max_delta": Range(0.0, 4.0, lo_open=True),
+    "control.cc.*": Range(0, 127),
+    "mqtt.port": Range(1, 65535),
+    "mqtt.prefix": NonEmpty(),
+    "mqtt.max_payload": Range(64, 16 << 20),
+    "mqtt.max_packet": Range(2048, 256 << 20),
+    "mqtt.state_min_interval_s": Range(0.0, 60.0),
+    "mqtt.qos": Choices((0, 1, 2)),
+    "mqtt.keepalive_s": Range(1, 65535),
+    "mqtt.timeout_s": Range(0.0, 300.0, lo_open=True),
+    "mqtt.reconnect_min_s": Range(0.05, 60.0),
+    "mqtt.reconnect_max_s": Range(0.05, 3600.0),
+    "mqtt.command_queue": Range(1, 10_000),
+    "mqtt.event_queue": Range(1, 100_000),
+    "mqtt.incoming_queue": Range(1, 100_000),
 }
 
 
+def rule(key: str) -> Range | Choices | NonEmpty | None:
+    section = key.rpartition(".")[0]
+    return SCHEMA.get(key) or SCHEMA.get(f"{section}.*")
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming `key` and what it allows, if `value` is outside its rule."""
+    allowed = rule(key)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{key} must be {allowed}, got {show(value, 60)}")
+
+
+def _walk(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out += _walk(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def validate(config: Config) -> None:
-    """Range checks the type checks above cannot express."""
-    for (section, key), choices in _CHOICES.items():
-        value = config.get(section, {}).get(key)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
-    midi, clock = config["midi"], config["clock"]
-    if not 0 <= midi["input_channel"] <= 16:
-        raise ConfigError(f"midi.input_channel must be 0 (omni) or 1..16, got {midi['input_channel']}")
-    if not 1 <= midi["output_channel"] <= 16:
-        raise ConfigError(f"midi.output_channel must be 1..16, got {midi['output_channel']}")
-    if not midi["port_name"]:
-        raise ConfigError("midi.port_name must not be empty")
-    if not 20.0 <= clock["bpm"] <= 300.0:
-        raise ConfigError(f"clock.bpm must be 20..300, got {clock['bpm']}")
-    if clock["dropout_s"] <= 0:
-        raise ConfigError(f"clock.dropout_s must be > 0, got {clock['dropout_s']}")
-    if not 0.0 < clock["smoothing"] <= 1.0:
-        raise ConfigError(f"clock.smoothing must be in (0, 1], got {clock['smoothing']}")
-    if not 0.0 < clock.get("lookahead_ms", 15.0) <= 40.0:
-        raise ConfigError(f"clock.lookahead_ms must be in (0, 40], got {clock['lookahead_ms']}")
+    """Every value against SCHEMA, then the checks that involve two keys."""
+    for key, value in _walk(config):
+        check_value(key, value)
+    clock, mqtt = config["clock"], config.get("mqtt", {})
+    if clock["spin_ms"] >= clock["lookahead_ms"]:
+        raise ConfigError(f"clock.spin_ms must be below clock.lookahead_ms "
+                          f"({clock['lookahead_ms']:g}), got {clock['spin_ms']:g}")
+    if mqtt and mqtt["reconnect_max_s"] < mqtt["reconnect_min_s"]:
+        raise ConfigError(f"mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s "
+                          f"({mqtt['reconnect_min_s']:g}), got {mqtt['reconnect_max_s']:g}")
+    if mqtt and mqtt["max_packet"] < mqtt["max_payload"] + 1024:
+        raise ConfigError(f"mqtt.max_packet must be at least mqtt.max_payload + 1024 "
+                          f"({mqtt['max_payload'] + 1024}), got {mqtt['max_packet']}")

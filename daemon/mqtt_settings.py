@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -23,7 +24,7 @@ class MqttSettings:
     tls: bool = False
     ca_file: str = ""  # "" = the system's CA store
     tls_insecure: bool = False  # skip host name verification (self-signed test brokers)
-    client_id: str = ""  # "" = <prefix>-<device_id>
+    client_id: str = ""  # "" = <prefix>-<device_id>-<random per process>
     prefix: str = "clsm"
     device_id: str = ""  # "" = the host name
     max_payload: int = 65536  # bytes; larger commands are refused with an error event
@@ -66,19 +67,21 @@ class MqttSettings:
         if self.prefix.strip("/") != self.prefix or any(c in self.prefix for c in "+#"):
             raise ValueError(f"[mqtt] prefix {self.prefix!r}: no wildcards or edge slashes")
         if not self.client_id:
-            self.client_id = f"{self.prefix.replace('/', '-')}-{self.device_id}"
+            # unique per process: two daemons on one device id must not take over each
+            # other's session (the broker drops the older of two clients with the same id)
+            self.client_id = f"{self.prefix.replace('/', '-')}-{self.device_id}-{secrets.token_hex(3)}"
         if not self.password:
             self.password = os.environ.get("CLSM_MQTT_PASSWORD", "")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"[mqtt] port {self.port} out of range 1..65535")
-        if self.qos not in (0, 1, 2):
-            raise ValueError(f"[mqtt] qos {self.qos} must be 0, 1 or 2")
+        from daemon.config import check_value  # late: config does not need MQTT
+
+        for f in fields(self):
+            check_value(f"mqtt.{f.name}", getattr(self, f.name))  # ConfigError is a ValueError
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(f"mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s "
+                             f"({self.reconnect_min_s:g}), got {self.reconnect_max_s:g}")
         if self.max_packet < self.max_payload + 1024:
-            raise ValueError(f"[mqtt] max_packet must be at least max_payload + 1024 bytes "
+            raise ValueError(f"mqtt.max_packet must be at least mqtt.max_payload + 1024 "
                              f"({self.max_payload + 1024}), got {self.max_packet}")
-        for name in ("max_payload", "command_queue", "event_queue", "incoming_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"[mqtt] {name} must be >= 1")
         return self
 
     def topic(self, leaf: str) -> str:

@@ -98,3 +98,59 @@ def test_cli_exits_2_with_a_message_on_a_bad_config(tmp_path: Path, capsys) -> N
     path = user(tmp_path, "[clock]\nbmp = 96\n")
     assert main(["--config", str(path), "--engine", "fake"]) == 2
     assert "clock.bmp" in capsys.readouterr().err
+
+
+# ----- issue 15: one schema, every value range-checked -----------------------------------------
+@pytest.mark.parametrize(("text", "match"), [
+    ("[daemon]\nvelocity = 200\n", r"daemon\.velocity must be 1\.\.127, got 200"),  # defect 2
+    ("[daemon]\nvelocity = 0\n", r"daemon\.velocity must be 1\.\.127"),
+    ("[daemon]\nstatus_every_bars = 0\n", r"daemon\.status_every_bars must be 1\.\.64"),
+    ("[engine]\nthreads = 0\n", r"engine\.threads must be 1\.\.64"),
+    ("[mqtt]\nkeepalive_s = -5\n", r"mqtt\.keepalive_s must be 1\.\.65535"),
+    ("[mqtt]\nreconnect_min_s = 0\n", r"mqtt\.reconnect_min_s must be 0\.05\.\.60"),
+    ("[mqtt]\nreconnect_max_s = 0.1\nreconnect_min_s = 1.0\n", r"mqtt\.reconnect_max_s must be >="),
+    ("[daemon]\ninterp_steps = 0\n", r"daemon\.interp_steps must be 1\.\.64"),
+    ("[clock]\nspin_ms = -1.0\n", r"clock\.spin_ms must be 0\.\.10"),
+    ("[clock]\nspin_ms = 5.0\nlookahead_ms = 4.0\n", r"clock\.spin_ms must be below"),
+    ("[clock]\nbpm = nan\n", r"clock\.bpm must be 20\.\.300, got nan"),
+    ("[clock]\ndropout_s = inf\n", r"clock\.dropout_s must be in \(0, 10\]"),
+    ("[control.cc]\nundo = 128\n", r"control\.cc\.undo must be 0\.\.127"),
+    ("[daemon]\nmax_hold_bars = 9\n", r"daemon\.max_hold_bars must be 1\.\.7"),
+    ('[engine]\ndecoding = "beam"\n', r"engine\.decoding must be one of argmax, sample"),
+    ("[mqtt]\nmax_packet = 4096\n", r"mqtt\.max_packet must be at least"),
+    ("[daemon]\nretries = 3\n", r"unknown config key 'daemon\.retries'"),  # never read: removed
+])
+def test_every_value_is_range_checked_naming_key_and_range(tmp_path: Path, text: str,
+                                                           match: str) -> None:
+    """Issue 15 defects 2 and 7."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(user(tmp_path, text))
+
+
+def test_every_daemon_number_has_a_rule() -> None:
+    """No number the daemon reads goes unchecked ([model] and [train] belong to training)."""
+    from daemon.config import _walk, rule
+
+    for key, value in _walk(load_config()):
+        if key.split(".")[0] in ("model", "train") or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            assert rule(key) is not None, key
+
+
+def test_long_or_hostile_values_are_clipped_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"midi.port_name": 5})
+    assert "midi.port_name" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(user(tmp_path, '[daemon]\nmode = "' + "x\\n" * 5000 + '"\n'))
+    assert len(str(info.value)) < 300 and "\n" not in str(info.value)
+
+
+def test_mqtt_settings_from_the_cli_get_the_same_rules() -> None:
+    from daemon.mqtt_settings import MqttSettings
+
+    with pytest.raises(ValueError, match=r"mqtt\.keepalive_s must be 1\.\.65535"):
+        MqttSettings(keepalive_s=-5).resolved()
+    a, b = MqttSettings(device_id="x").resolved(), MqttSettings(device_id="x").resolved()
+    assert a.client_id != b.client_id and a.client_id.startswith("clsm-x-")  # defect 11
