@@ -159,7 +159,7 @@ class Daemon:
 
     def _status(self, step: int) -> None:
         lat = "-" if self.last_latency_ms is None else f"{self.last_latency_ms:.1f} ms"
-        log.info("bar %d | %.1f bpm | %s | last generation %s", step // STEPS_PER_BAR % 8 + 1,
+        log.debug("bar %d | %.1f bpm | %s | last generation %s", step // STEPS_PER_BAR % 8 + 1,
                  self.clock.bpm, self.snapshot_mode(), lat)
         self.emit({"type": "state"})
 

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-out", help="write an existing MIDI port (by name) instead")
     p.add_argument("--bpm", type=float)
     p.add_argument("--clock", choices=["internal", "external"])
+    p.add_argument("--send-clock", action=argparse.BooleanOptionalAction, default=None,
+                   help="internal clock: send MIDI clock, Start and Stop out (config: "
+                        "[clock] send_clock)")
     p.add_argument("--mode", choices=["loop", "follow"])
     p.add_argument("--engine", choices=["real", "fake"])
     p.add_argument("--engine-worker", choices=["thread", "process"])
@@ -45,7 +48,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, {
         "daemon.model": args.model, "midi.api": args.midi_api, "midi.port_name": args.port_name,
         "midi.connect_in": args.connect_in, "midi.connect_out": args.connect_out,
-        "clock.bpm": args.bpm, "clock.source": args.clock, "daemon.mode": args.mode,
+        "clock.bpm": args.bpm, "clock.source": args.clock, "clock.send_clock": args.send_clock,
+        "daemon.mode": args.mode,
         "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
     })
 

@@ -92,6 +92,16 @@ def test_cli_options_become_overrides(tmp_path: Path) -> None:
     assert (config["daemon"]["mode"], config["daemon"]["engine"]) == ("follow", "fake")
     assert config["midi"]["port_name"] == "jam"
     assert config["daemon"]["engine_worker"] == "thread"  # untouched default
+    assert config["clock"]["send_clock"] is False  # untouched default
+
+
+def test_send_clock_on_the_command_line(tmp_path: Path) -> None:
+    path = user(tmp_path, "[clock]\nsend_clock = true\n")
+    on = config_from_args(build_parser().parse_args(["--send-clock"]))
+    off = config_from_args(build_parser().parse_args(["--config", str(path), "--no-send-clock"]))
+    kept = config_from_args(build_parser().parse_args(["--config", str(path)]))
+    assert (on["clock"]["send_clock"], off["clock"]["send_clock"]) == (True, False)
+    assert kept["clock"]["send_clock"] is True
 
 
 def test_cli_exits_2_with_a_message_on_a_bad_config(tmp_path: Path, capsys) -> None:
