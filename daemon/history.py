@@ -42,6 +42,15 @@ class ResultError(PerformanceError):
     """Generations that do not fit their request (length, range, bars)."""
 
 
+@dataclass
+class Bar:
+    """One bar of the buffer (also what a history keeps of the bars a candidate replaced)."""
+
+    tokens: list[int]
+    owner: str  # player | coperformer | empty
+    version: int  # content version: changes whenever what the bar plays changes
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     kind: str  # regenerate | interpolate | vary
@@ -94,7 +103,7 @@ class History:
     first_bar: int  # buffer bars the engine was asked for
     last_bar: int
     context: tuple[int, ...]  # the tokens the first request was made from
-    base: list[Any]  # the bars before the first candidate (undo past it restores them)
+    base: list[Bar]  # the bars before the first candidate (undo past it restores them)
     candidates: list[Candidate] = field(default_factory=list)
     index: int = -1  # -1 = the base
     _next_cid: int = 0
