@@ -75,13 +75,38 @@ def _read_manifest(folder: Path) -> dict:
     if not isinstance(files, dict) or not isinstance(manifest.get("model_args"), dict):
         raise EngineError(f"{path} lacks 'files' or 'model_args': re-export the model folder")
     for name, meta in files.items():
-        file = folder / name
+        file = _inside(folder, name, path)
+        if not isinstance(meta, dict):
+            raise EngineError(f"{path}: files[{name!r}] is not an object: re-export the model folder")
         if not file.is_file():
             raise EngineError(f"{file} is missing: re-export the model folder")
         if export.sha256_file(file) != meta.get("sha256"):
             raise EngineError(f"{file} does not match its sha256 in the manifest (corrupt or "
                               f"replaced): re-export the model folder")
     return manifest
+
+
+def _inside(folder: Path, name: object, manifest_path: Path) -> Path:
+    """`folder / name`, refused unless it is a relative path that stays inside the folder."""
+    bad = not isinstance(name, str) or not name or Path(name).is_absolute()
+    if not bad:
+        root = folder.resolve()
+        file = (root / name).resolve()
+        bad = root not in file.parents
+    if bad:
+        raise EngineError(f"{manifest_path}: {str(name)[:120]!r} is not a file inside the model "
+                          f"folder; re-export the model folder")
+    return folder / str(name)
+
+
+def _part(folder: Path, manifest: dict, name: str) -> Path:
+    """A part the manifest names: inside the folder and listed (so hashed) under `files`."""
+    path = folder / export.MANIFEST
+    file = _inside(folder, name, path)
+    if name not in manifest["files"]:
+        raise EngineError(f"{path}: part {name[:120]!r} is not listed (with its sha256) under "
+                          f"'files'; re-export the model folder")
+    return file
 
 
 def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
@@ -93,10 +118,11 @@ def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
                           f"re-export the model folder")
     try:
         if backend == "torchscript":
-            latent = export.load_scripted(folder / parts["latent"], device)
-            decoder = export.load_scripted(folder / parts["decoder"], device)
+            latent = export.load_scripted(_part(folder, manifest, parts["latent"]), device)
+            decoder = export.load_scripted(_part(folder, manifest, parts["decoder"]), device)
         else:
-            ckpt = torch.load(folder / parts["eager"], map_location=device, weights_only=True)
+            ckpt = torch.load(_part(folder, manifest, parts["eager"]), map_location=device,
+                              weights_only=True)
             latent, decoder = export.build_parts(CLSM.from_checkpoint(ckpt).float())
     # torch reports unreadable files through many exception types (the unpickler's own,
     # RuntimeError from the TorchScript loader and load_state_dict, ...).
@@ -164,7 +190,12 @@ class Engine:
                      backend=backend, device=str(dev), threads=threads, max_batch=max_batch)
         engine.load_ms = (time.perf_counter() - t0) * 1e3
         if warm:
-            engine.warm_up()
+            try:
+                engine.warm_up()
+            except Exception as e:  # noqa: BLE001 - swapped parts, a wrong d_z: a lying manifest
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                raise EngineError(f"model folder {folder} does not match its manifest (parts or "
+                                  f"model_args): {first_line}; re-export the model folder") from e
         log.info("engine %s (%s, %s, %d thread(s)) ready: load %.0f ms, warm-up %.0f ms",
                  engine.name, backend, dev, threads, engine.load_ms, engine.warmup_ms)
         return engine
