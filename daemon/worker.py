@@ -14,15 +14,11 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
-
-from engine.tokens import N_PITCHES, STEPS_PER_BAR, target_steps
 
 log = logging.getLogger(__name__)
 
@@ -43,52 +39,6 @@ class EngineSpec:
     options: dict[str, Any] = field(default_factory=dict)  # engine config; fake: busy_ms, load
     busy_ms: float = 0.0  # artificial CPU load per call (benchmarks)
     busy_kind: str = "python"  # python (holds the GIL) | torch (releases it in ops)
-
-
-# --- a stand-in engine for --engine fake when tests/fakes.py is not importable -------------
-
-@dataclass
-class _Generation:
-    tokens: list[int]
-    first_bar: int
-    last_bar: int
-    z: np.ndarray
-    latency_ms: float
-
-
-class StandInEngine:
-    """Deterministic tokens from the seed: one note per beat, pitch from the seed and bar."""
-
-    def __init__(self) -> None:
-        self._seed = 0
-
-    def _gen(self, first_bar: int, last_bar: int, seed: int | None, offset: float = 0.0):
-        seed = self._seed if seed is None else seed
-        self._seed += 1
-        start, end = target_steps(first_bar, last_bar)
-        tokens = []
-        for step in range(start, end):
-            if step % 4 == 0:
-                tokens.append((seed * 7 + step // 4 * 5 + int(offset * 10)) % N_PITCHES)
-            else:
-                tokens.append(31 if step % 4 == 1 else 30)  # hold once, then rest
-        z = np.random.default_rng(seed).standard_normal(16).astype(np.float32)
-        return _Generation(tokens, first_bar, last_bar, z, 0.0)
-
-    def infill(self, tokens: Sequence[int], first_bar: int, last_bar: int, *,
-               seed: int | None = None, z: np.ndarray | None = None,
-               temperature: float | None = None) -> _Generation:
-        return self._gen(first_bar, last_bar, seed)
-
-    def interpolate(self, tokens, first_bar, last_bar, z_a, z_b, alphas) -> list[_Generation]:
-        return [self._gen(first_bar, last_bar, 0, a) for a in alphas]
-
-    def vary(self, tokens, first_bar, last_bar, z, delta, *, seed=None) -> _Generation:
-        return self._gen(first_bar, last_bar, seed, delta)
-
-    def info(self) -> dict:
-        return {"name": "stand-in", "backend": "fake", "params": 0, "device": "cpu",
-                "steps_per_bar": STEPS_PER_BAR}
 
 
 class BusyEngine:
@@ -126,11 +76,8 @@ def build_engine(spec: EngineSpec) -> Any:
         import torch  # only then: importing it costs seconds of start-up
         torch.set_num_threads(spec.threads)
     if spec.kind == "fake":
-        try:
-            from tests.fakes import FakeEngine  # the shared fake, when the checkout has it
-            engine: Any = FakeEngine()
-        except ImportError:
-            engine = StandInEngine()
+        from daemon.fake_engine import FakeEngine
+        engine: Any = FakeEngine()
     else:
         engine = _load_real(spec)
     return BusyEngine(engine, spec.busy_ms, spec.busy_kind) if spec.busy_ms > 0 else engine
