@@ -31,6 +31,7 @@ import torch
 
 from engine import tokens as tk
 from engine.decoding import CachedDecoder, LatentPart
+from engine.fast import FastDecoder, FastLatent
 from engine.model import CLSM, CLSMConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,20 @@ def script_parts(latent: LatentPart,
         s_latent = torch.jit.optimize_for_inference(
             torch.jit.freeze(s_latent, preserved_attrs=methods), other_methods=methods)
         s_decoder = torch.jit.optimize_for_inference(torch.jit.freeze(s_decoder))
+        return s_latent, s_decoder
+
+
+def script_fast_parts(latent: FastLatent, decoder: FastDecoder,
+                      optimize: bool = False) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
+    """The fast parts, frozen. Not optimize_for_inference by default: it rewrites every
+    linear as a matmul and an add, two calls per linear in a decode step where one does."""
+    with _quiet_jit():
+        methods = ["flow_forward", "flow_inverse"]
+        s_latent = torch.jit.freeze(torch.jit.script(latent), preserved_attrs=methods)
+        s_decoder = torch.jit.freeze(torch.jit.script(decoder))
+        if optimize:
+            s_latent = torch.jit.optimize_for_inference(s_latent, other_methods=methods)
+            s_decoder = torch.jit.optimize_for_inference(s_decoder)
         return s_latent, s_decoder
 
 
