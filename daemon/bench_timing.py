@@ -2,16 +2,19 @@
 
 `python -m daemon.bench_timing --json [--seconds 20]` starts a private JACK server (dummy
 backend), runs the daemon in a child process for each engine worker (thread, process) with a
-fake engine that burns CPU on every call (or the real engine: `--engine real`), asks for a
-4-bar regeneration every bar, records the co-performer's note-ons with a separate JACK client
-and prints, per worker, the onset error against the ideal grid (p50 / p99 / max, ms):
+fake engine that burns CPU on every call (or the real engine: `--engine real`), plays a melody
+into the daemon's input first (`--melody-bars`, 8 by default: the real model answers an empty
+context with rests), then asks for a 4-bar regeneration every bar, records the co-performer's
+note-ons with a separate JACK client and prints, per worker, the onset error against the ideal
+grid (p50 / p99 / max, ms):
 - `send_ms`: the daemon's send time - the step's ideal time (the daemon's own timing),
 - `arrival_ms`: arrival at the other client - ideal time (includes JACK's period latency),
 - `jitter_ms`: |arrival - ideal - median(arrival - ideal)| (what a listener hears as timing
   wobble; JACK delivers MIDI per period, so up to one period of it is the server's),
 - `timing`: the daemon's own counts from its `state`: `dropped_plans` (steps that sounded with
   no plan: content lost), `late_plans` (plan revisions too late: the step's first plan played),
-  `skipped_steps` (steps the clock skipped after a stall).
+  `skipped_steps` (steps the clock skipped after a stall),
+- `engine_ms`: the engine's latency per regeneration (p50 / p99 / max).
 """
 
 from __future__ import annotations
@@ -81,21 +84,50 @@ async def _child(args: argparse.Namespace) -> None:
 
         clock._fire, sched._send = timed_fire, timed_send
 
+    engine_ms: list[float] = []
+
     async def regenerate_every_bar(daemon: Daemon) -> None:
         bar_s = 60.0 / args.bpm * 4
+        await _play_melody(daemon, args.melody_bars)
         for i in range(int(args.seconds / bar_s)):
             command = SimpleNamespace(action="regenerate", id=None, source="bench",
                                       args={"first_bar": 1 + 4 * (i % 2), "bars": 4})
             result = await daemon.handle(command)
             if "error" in result:
                 log.warning("%s", result)
+            elif result.get("latency_ms") is not None:
+                engine_ms.append(float(result["latency_ms"]))
             await asyncio.sleep(bar_s)
         daemon.stopping.set()
 
     await serve(config, [regenerate_every_bar], on_ready=instrument, spec=spec)
     snap = daemons[0].snapshot()
     timing = {k: snap[k] for k in ("dropped_plans", "late_plans", "skipped_steps")}
-    Path(args.out).write_text(json.dumps({"sent": sent, "timing": timing}))
+    Path(args.out).write_text(json.dumps({"sent": sent, "timing": timing, "engine_ms": engine_ms}))
+
+
+# A bar of quarter and eighth notes (step, pitch offset, steps), moved through a progression.
+_PHRASE = [(0, 0, 4), (4, 4, 2), (6, 7, 2), (8, 12, 4), (12, 11, 2), (14, 7, 2)]
+_ROOTS = [60, 65, 67, 60, 57, 62, 67, 60]
+
+
+async def _play_melody(daemon: Any, bars: int) -> None:
+    """Notes into the daemon as its MIDI input would deliver them, on the clock's grid."""
+    import mido
+
+    async def until(position: float) -> None:
+        while daemon.clock.position() < position:
+            await asyncio.sleep(0.002)
+
+    start = (int(daemon.clock.position()) // 16 + 1) * 16  # from the next bar line
+    for bar in range(bars):
+        for step, offset, length in _PHRASE:
+            at = start + 16 * bar + step
+            pitch = _ROOTS[bar % len(_ROOTS)] + offset
+            await until(at)
+            daemon._note(mido.Message("note_on", note=pitch, velocity=90), time.monotonic())
+            await until(at + length - 0.3)
+            daemon._note(mido.Message("note_off", note=pitch), time.monotonic())
 
 
 # ----- parent: JACK server, recorder, figures ----------------------------------------------
@@ -156,7 +188,8 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "daemon.bench_timing", "--child", "--worker", worker,
                "--port-name", port, "--out", str(out), "--seconds", str(args.seconds),
                "--bpm", str(args.bpm), "--busy-ms", str(args.busy_ms), "--load", args.load,
-               "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms)]
+               "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms),
+               "--melody-bars", str(args.melody_bars)]
         cmd += ["--realtime"] if args.realtime else []
         child = subprocess.Popen(cmd)
         try:
@@ -172,6 +205,7 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
             raise SystemExit(f"daemon child ({worker}) failed with exit code {rc}")
         child_out = json.loads(out.read_text())
         sent, timing = child_out["sent"], child_out["timing"]
+        engine_ms = child_out["engine_ms"]
     arrivals = rec.arrivals
     # Both lists are in send order and JACK MIDI loses nothing, but the recorder may have
     # missed the first notes: walk both, pairing each arrival with the next sent note of its
@@ -189,7 +223,8 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
     med = float(np.median(arr_err)) if arr_err else 0.0
     return {"worker": worker, "notes": len(pairs), "unmatched": len(arrivals) - len(pairs),
             "send_ms": _stats(send_err), "arrival_ms": _stats(arr_err),
-            "jitter_ms": _stats([abs(e - med) for e in arr_err]), "timing": timing}
+            "jitter_ms": _stats([abs(e - med) for e in arr_err]), "timing": timing,
+            "engine_ms": _stats(engine_ms)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", choices=["python", "torch"], default="python",
                    help="python holds the GIL while burning; torch releases it in ops")
     p.add_argument("--spin-ms", type=float, default=2.0, help="clock: spin this long before a step")
+    p.add_argument("--melody-bars", type=int, default=8,
+                   help="bars of melody played into the input before the regenerations")
     p.add_argument("--realtime", action="store_true", help="clock thread with SCHED_FIFO")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -236,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             print(f"{r['worker']:8s} notes={r['notes']:4d} send {r['send_ms']} "
-                  f"arrival {r['arrival_ms']} jitter {r['jitter_ms']} {r['timing']}")
+                  f"arrival {r['arrival_ms']} jitter {r['jitter_ms']} {r['timing']} "
+                  f"engine {r['engine_ms']}")
     return 0
 
 
