@@ -7,6 +7,9 @@ A model folder holds
   latent.pt      TorchScript LatentPart: prior trunk -> (mean, logvar), flow forward / inverse
   decoder.pt     TorchScript CachedDecoder: context pass + the whole cached decode loop in one
                  scripted call (no Python per step)
+  fast_latent.pt, fast_decoder.pt, fast_latent_bf16.pt
+                 TorchScript FastLatent / FastDecoder (engine/fast.py) for the `fast` backend,
+                 the prior's Bi-LSTM in bfloat16 in the last one (`fast-bf16`, reduced precision)
   eager.pt       the plain state dict {model, model_args} for the `eager` backend
   manifest.json  format version, vocabulary, model_args, source checkpoint sha256, torch
                  version, every file with its sha256
@@ -41,6 +44,9 @@ MANIFEST = "manifest.json"
 LATENT_FILE = "latent.pt"
 DECODER_FILE = "decoder.pt"
 EAGER_FILE = "eager.pt"
+FAST_LATENT_FILE = "fast_latent.pt"
+FAST_LATENT_BF16_FILE = "fast_latent_bf16.pt"
+FAST_DECODER_FILE = "fast_decoder.pt"
 
 
 def vocabulary() -> dict:
@@ -87,6 +93,12 @@ def script_parts(latent: LatentPart,
         return s_latent, s_decoder
 
 
+def build_fast_parts(model: CLSM, lstm_bf16: bool = False) -> tuple[FastLatent, FastDecoder]:
+    """The fast inference parts (eager modules) of a CLSM, in eval mode."""
+    model = model.eval()
+    return FastLatent(model.prior, lstm_bf16).eval(), FastDecoder(model.decoder).eval()
+
+
 def script_fast_parts(latent: FastLatent, decoder: FastDecoder,
                       optimize: bool = False) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
     """The fast parts, frozen. Not optimize_for_inference by default: it rewrites every
@@ -113,15 +125,22 @@ def export(model: CLSM, out: Path, *, source: dict, fp16: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
     latent, decoder = script_parts(*build_parts(model))
+    fast_latent, fast_decoder = script_fast_parts(*build_fast_parts(model))
+    fast_latent_bf16, _ = script_fast_parts(*build_fast_parts(model, lstm_bf16=True))
     state = model.state_dict()
     if fp16:  # the eager weights at half size; the frozen TorchScript parts stay float32
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with _quiet_jit():
         torch.jit.save(latent, str(out / LATENT_FILE))
         torch.jit.save(decoder, str(out / DECODER_FILE))
+        torch.jit.save(fast_latent, str(out / FAST_LATENT_FILE))
+        torch.jit.save(fast_latent_bf16, str(out / FAST_LATENT_BF16_FILE))
+        torch.jit.save(fast_decoder, str(out / FAST_DECODER_FILE))
     torch.save({"model": state, "model_args": model.model_args()}, out / EAGER_FILE)
+    names = (LATENT_FILE, DECODER_FILE, FAST_LATENT_FILE, FAST_LATENT_BF16_FILE, FAST_DECODER_FILE,
+             EAGER_FILE)
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-             for name in (LATENT_FILE, DECODER_FILE, EAGER_FILE)}
+             for name in names}
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": out.name,
@@ -132,7 +151,9 @@ def export(model: CLSM, out: Path, *, source: dict, fp16: bool = False) -> dict:
         "dtype": "float16" if fp16 else "float32",
         "source": source,
         "torch_version": torch.__version__,
-        "parts": {"latent": LATENT_FILE, "decoder": DECODER_FILE, "eager": EAGER_FILE},
+        "parts": {"latent": LATENT_FILE, "decoder": DECODER_FILE, "eager": EAGER_FILE,
+                  "fast_latent": FAST_LATENT_FILE, "fast_latent_bf16": FAST_LATENT_BF16_FILE,
+                  "fast_decoder": FAST_DECODER_FILE},
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

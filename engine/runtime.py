@@ -34,7 +34,10 @@ from engine.model import CLSM
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torchscript", "eager")
+# fast: engine/fast.py's parts (issue 12), same tokens as torchscript and eager; fast-bf16: the
+# same with the prior's Bi-LSTM in bfloat16 (reduced precision: z moves by ~1e-3, tokens rarely).
+BACKENDS = ("torchscript", "fast", "fast-bf16", "eager")
+FAST_PARTS = {"fast": ("fast_latent", "fast_decoder"), "fast-bf16": ("fast_latent_bf16", "fast_decoder")}
 PRIOR_CACHE_SIZE = 32  # contexts whose p(w | xC, tau) is kept: re-rolls skip the prior
 
 
@@ -111,19 +114,21 @@ def _part(folder: Path, manifest: dict, name: str) -> Path:
 
 def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
     parts = manifest.get("parts")
-    key = "eager" if backend == "eager" else "decoder"
-    if not isinstance(parts, dict) or not all(isinstance(parts.get(k), str)
-                                              for k in ("latent", key)):
+    if not isinstance(parts, dict):
+        parts = {}
+    if backend in FAST_PARTS and not all(isinstance(parts.get(k), str) for k in FAST_PARTS[backend]):
+        return _build_fast_parts(folder, parts, backend, device)
+    keys = FAST_PARTS.get(backend, ("eager",) if backend == "eager" else ("latent", "decoder"))
+    if not all(isinstance(parts.get(k), str) for k in keys):
         raise EngineError(f"{folder / export.MANIFEST} does not name the {backend} parts: "
                           f"re-export the model folder")
     try:
-        if backend == "torchscript":
-            latent = export.load_scripted(_part(folder, manifest, parts["latent"]), device)
-            decoder = export.load_scripted(_part(folder, manifest, parts["decoder"]), device)
-        else:
-            ckpt = torch.load(_part(folder, manifest, parts["eager"]), map_location=device,
-                              weights_only=True)
+        if backend == "eager":
+            ckpt = torch.load(folder / parts["eager"], map_location=device, weights_only=True)
             latent, decoder = export.build_parts(CLSM.from_checkpoint(ckpt).float())
+        else:
+            latent = export.load_scripted(folder / parts[keys[0]], device)
+            decoder = export.load_scripted(folder / parts[keys[1]], device)
     # torch reports unreadable files through many exception types (the unpickler's own,
     # RuntimeError from the TorchScript loader and load_state_dict, ...).
     except (RuntimeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
@@ -131,8 +136,32 @@ def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise EngineError(f"cannot load the {backend} parts of {folder}: {first_line}; "
                           f"re-export the model folder") from e
-    if device == "cpu":  # float16 folders are stored half-size but computed in float32 here
+    if device == "cpu" and backend not in FAST_PARTS:
+        # float16 folders are stored half-size but computed in float32 here (the fast parts
+        # are frozen float32, or bfloat16 on purpose in the Bi-LSTM of fast-bf16)
         latent, decoder = latent.float(), decoder.float()
+    return latent.to(device), decoder.to(device)
+
+
+def _build_fast_parts(folder: Path, parts: dict, backend: str, device: str):
+    """A folder exported before the fast parts existed: build and compile them here from its
+    eager weights (about a second more start-up; a float16 folder gives float16-rounded
+    weights, so tokens may differ from its float32 torchscript parts). Re-export to avoid."""
+    log.warning("%s has no %s parts: compiling them from %s (re-export the folder to skip this)",
+                folder, backend, parts.get("eager"))
+    if not isinstance(parts.get("eager"), str):
+        raise EngineError(f"{folder / export.MANIFEST} names neither the {backend} parts nor "
+                          f"the eager weights: re-export the model folder")
+    try:
+        ckpt = torch.load(folder / parts["eager"], map_location="cpu", weights_only=True)
+        model = CLSM.from_checkpoint(ckpt).float()
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
+            pickle.UnpicklingError) as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise EngineError(f"cannot load the eager weights of {folder}: {first_line}; "
+                          f"re-export the model folder") from e
+    fast = export.build_fast_parts(model, lstm_bf16=backend == "fast-bf16")
+    latent, decoder = export.script_fast_parts(*fast)
     return latent.to(device), decoder.to(device)
 
 

@@ -17,7 +17,7 @@ from engine.runtime import Engine, EngineError, Generation
 from tests.test_export import TINY, export_tiny, tiny_model
 
 
-@pytest.fixture(scope="module", params=["torchscript", "eager"])
+@pytest.fixture(scope="module", params=["torchscript", "fast", "eager"])
 def engine(request, folder) -> Engine:
     return Engine.load(folder, backend=request.param, threads=1, max_batch=4)
 
@@ -140,7 +140,7 @@ def test_calls_from_two_threads_are_serialised(engine):
 
 def test_info(engine):
     info = engine.info()
-    assert info["backend"] in ("torchscript", "eager")
+    assert info["backend"] in ("torchscript", "fast", "eager")
     assert info["name"] == "tiny" and info["d_z"] == TINY.d_z and info["params"] > 0
 
 
