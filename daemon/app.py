@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import BrokenExecutor
@@ -22,8 +20,9 @@ from daemon.clock import ClockEvent, ExternalClock, InternalClock, queue_poster
 from daemon.config import Config
 from daemon.history import ResultError
 from daemon.midi_io import MidiInput, MidiOutput, Received, accepts
+from daemon.prepare import Preparer
 from daemon.scheduler import Scheduler
-from daemon.worker import Coalescer, EngineSpec, EngineWorker, Superseded
+from daemon.worker import Coalescer, Superseded
 from engine.tokens import STEPS_PER_BAR
 
 log = logging.getLogger("daemon")
@@ -52,6 +51,7 @@ class Daemon:
         self.events: asyncio.Queue[ClockEvent] = asyncio.Queue()
         self.clock = self._make_clock()
         self.coalescer = Coalescer()
+        self.preparer = Preparer(worker.run_request)  # answers ready before the press
         self.seed: int | None = None
         self.temperature: float | None = None
         self.last_latency_ms: float | None = None
@@ -116,7 +116,9 @@ class Daemon:
         except* Shutdown:
             pass
         finally:
+            self._tg = None
             self.all_notes_off("shutdown")
+            await self.preparer.close()
 
     async def _shutdown_when_asked(self) -> None:
         await self.stopping.wait()
@@ -141,6 +143,8 @@ class Daemon:
                 self.performance.advance(float(ev.step))
                 # The next step's first plan, a whole step ahead of it (see daemon/scheduler.py).
                 self._plan(ev.step + 1)
+                if ev.step % STEPS_PER_BAR == 0:  # the player's last bar is final now
+                    self.prepare_next()
                 if ev.step % every == 0:
                     self._status(ev.step)
             elif ev.kind == "start":
@@ -306,22 +310,47 @@ class Daemon:
 
         async def job() -> dict:
             # The snapshot is taken when the job runs, not when it was queued: latest state.
+            t_press = time.perf_counter()
             request = make_request()  # a ValueError here: the command does not fit the state
+            taken = None
+            if action == "regenerate":
+                taken = await self.preparer.take(request, args.get("seed", self.seed))
             t0 = time.perf_counter()
-            try:
-                gens = await self.worker.run_request(request)
-            except Exception as e:  # whatever the engine raises (a fake's may be a ValueError)
-                raise EngineFailure(str(e)) from e
-            self.last_latency_ms = (time.perf_counter() - t0) * 1000
+            if taken is not None:
+                request, gens = taken  # computed before the press (daemon/prepare.py)
+            else:
+                try:
+                    gens = await self.worker.run_request(request)
+                except Exception as e:  # whatever the engine raises (a fake's: ValueError)
+                    raise EngineFailure(str(e)) from e
+                self.last_latency_ms = (time.perf_counter() - t0) * 1000
             try:
                 p.apply(request, gens)  # StaleRequestError (mode changed meanwhile) stays plain
             except ResultError as e:  # the engine returned something unusable
                 raise EngineFailure(str(e)) from e
             return {"first_bar": request.first_bar, "last_bar": request.last_bar,
                     "tokens": [int(t) for t in gens[-1].tokens],
-                    "latency_ms": round(self.last_latency_ms, 2)}
+                    "latency_ms": round(getattr(gens[-1], "latency_ms", 0.0)
+                                        if taken else self.last_latency_ms or 0.0, 2),
+                    "ready": taken is not None,
+                    "press_ms": round((time.perf_counter() - t_press) * 1000, 3)}
 
-        return await self.coalescer.run(job)
+        result = await self.coalescer.run(job)
+        self.prepare_next()  # the next answer, behind this one
+        return result
+
+    def prepare_next(self) -> None:
+        """Prepare the answer to the next regenerate press, if the engine has nothing to do."""
+        if not self.config["daemon"]["prepare_ahead"] or self._tg is None or self.coalescer.busy:
+            return
+        seed = self.seed if self.seed is not None else time.monotonic_ns() % 1_000_003
+        try:
+            request = self.performance.make_request("regenerate", seed=seed,
+                                                    temperature=self.temperature)
+        except ValueError as e:  # nothing to prepare in this state
+            log.debug("nothing prepared: %s", e)
+            return
+        self.preparer.prepare(request, self.seed)
 
     async def _revive_worker(self, error: Exception) -> None:
         if isinstance(error, BrokenExecutor):  # the child died: start a fresh one
@@ -331,55 +360,3 @@ class Daemon:
                 await self.worker.start()
             except Exception:  # raised here it would end the TaskGroup, and the daemon
                 log.exception("engine worker could not be restarted; generation is off")
-
-
-# ----- wiring -------------------------------------------------------------------------------
-
-def make_performance(config: Config) -> Any:
-    from daemon.buffer import Performance
-    d, m = config["daemon"], config["midi"]
-    return Performance(mode=d["mode"], polyphony=m["polyphony"], record=d["record"],
-                       target=(1, d["regen_bars"]), max_hold_bars=d["max_hold_bars"])
-
-
-def make_cc_mapper(config: Config) -> Any:
-    from daemon.control import CCMapper
-    c = config["control"]
-    return CCMapper(c["channel"], dict(c["cc"]), max_delta=c["max_delta"])
-
-
-def engine_spec(config: Config) -> EngineSpec:
-    d, e = config["daemon"], config["engine"]
-    return EngineSpec(kind=d["engine"], model_dir=d["model"], threads=e["threads"],
-                      options={"backend": e["backend"], "device": e["device"],
-                               "max_batch": e["max_batch"]})
-
-
-async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
-                on_ready: Callable[[Daemon], None] | None = None,
-                spec: EngineSpec | None = None) -> None:
-    """Load the engine (fail early), open the ports, run until SIGINT/SIGTERM."""
-    m, d = config["midi"], config["daemon"]
-    if d["engine_worker"] == "thread":
-        # The clock thread must get the GIL back quickly from the engine thread's Python glue.
-        sys.setswitchinterval(0.0005)
-    async with EngineWorker(spec or engine_spec(config), d["engine_worker"]) as worker:
-        performance, cc = make_performance(config), make_cc_mapper(config)
-        async with (MidiInput(m["port_name"], m["api"], m["connect_in"]) as midi_in,
-                    MidiOutput(m["port_name"], m["api"], m["connect_out"],
-                               m["output_channel"]) as out):
-            daemon = Daemon(config, worker, out, performance, cc)
-            daemon.extra_tasks.extend(extra_tasks or [])
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(sig, daemon.stopping.set)
-            if on_ready is not None:
-                on_ready(daemon)
-            log.info("ready: %s clock, %.1f bpm, %s mode, engine %s in a %s worker",
-                     config["clock"]["source"], config["clock"]["bpm"], d["mode"], d["engine"],
-                     d["engine_worker"])
-            try:
-                await daemon.run(midi_in)
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    loop.remove_signal_handler(sig)

@@ -14,7 +14,11 @@ grid (p50 / p99 / max, ms):
 - `timing`: the daemon's own counts from its `state`: `dropped_plans` (steps that sounded with
   no plan: content lost), `late_plans` (plan revisions too late: the step's first plan played),
   `skipped_steps` (steps the clock skipped after a stall),
-- `engine_ms`: the engine's latency per regeneration (p50 / p99 / max).
+- `engine_ms`: the engine's latency per regeneration (p50 / p99 / max),
+- `press_ms`: press-to-result (request made, answer applied) for presses answered from a
+  candidate prepared before the press (`ready`) and for the others (`cold`). `--same-target`
+  regenerates bars 1-4 every time (so the prepared answer fits), `--no-prepare` turns the
+  preparation off for the comparison.
 """
 
 from __future__ import annotations
@@ -52,15 +56,17 @@ def _stats(values: list[float]) -> dict[str, float]:
 # ----- child: the daemon, instrumented ------------------------------------------------------
 
 async def _child(args: argparse.Namespace) -> None:
-    from daemon.app import Daemon, engine_spec, serve
+    from daemon.app import Daemon
     from daemon.config import load_config
+    from daemon.serve import engine_spec, serve
     from daemon.worker import EngineSpec
 
     config = load_config(None, {"midi.api": "jack", "midi.port_name": args.port_name,
                                 "clock.bpm": args.bpm, "daemon.engine": args.engine,
                                 "daemon.engine_worker": args.worker,
                                 "daemon.model": args.model, "daemon.status_every_bars": 4,
-                                "clock.spin_ms": args.spin_ms, "clock.realtime": args.realtime})
+                                "clock.spin_ms": args.spin_ms, "clock.realtime": args.realtime,
+                                "daemon.prepare_ahead": args.prepare})
     spec = engine_spec(config)
     spec = EngineSpec(spec.kind, spec.model_dir, spec.threads, spec.options,
                       busy_ms=args.busy_ms, busy_kind=args.load)
@@ -85,17 +91,21 @@ async def _child(args: argparse.Namespace) -> None:
         clock._fire, sched._send = timed_fire, timed_send
 
     engine_ms: list[float] = []
+    press_ms: dict[str, list[float]] = {"ready": [], "cold": []}
 
     async def regenerate_every_bar(daemon: Daemon) -> None:
         bar_s = 60.0 / args.bpm * 4
         await _play_melody(daemon, args.melody_bars)
         for i in range(int(args.seconds / bar_s)):
+            first = 1 if args.same_target else 1 + 4 * (i % 2)
             command = SimpleNamespace(action="regenerate", id=None, source="bench",
-                                      args={"first_bar": 1 + 4 * (i % 2), "bars": 4})
+                                      args={"first_bar": first, "bars": 4})
             result = await daemon.handle(command)
             if "error" in result:
                 log.warning("%s", result)
-            elif result.get("latency_ms") is not None:
+                continue
+            press_ms["ready" if result.get("ready") else "cold"].append(result["press_ms"])
+            if not result.get("ready"):
                 engine_ms.append(float(result["latency_ms"]))
             await asyncio.sleep(bar_s)
         daemon.stopping.set()
@@ -103,7 +113,8 @@ async def _child(args: argparse.Namespace) -> None:
     await serve(config, [regenerate_every_bar], on_ready=instrument, spec=spec)
     snap = daemons[0].snapshot()
     timing = {k: snap[k] for k in ("dropped_plans", "late_plans", "skipped_steps")}
-    Path(args.out).write_text(json.dumps({"sent": sent, "timing": timing, "engine_ms": engine_ms}))
+    Path(args.out).write_text(json.dumps({"sent": sent, "timing": timing, "engine_ms": engine_ms,
+                                          "press_ms": press_ms}))
 
 
 # A bar of quarter and eighth notes (step, pitch offset, steps), moved through a progression.
@@ -189,7 +200,9 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
                "--port-name", port, "--out", str(out), "--seconds", str(args.seconds),
                "--bpm", str(args.bpm), "--busy-ms", str(args.busy_ms), "--load", args.load,
                "--engine", args.engine, "--model", args.model, "--spin-ms", str(args.spin_ms),
-               "--melody-bars", str(args.melody_bars)]
+               "--melody-bars", str(args.melody_bars),
+               "--prepare" if args.prepare else "--no-prepare"]
+        cmd += ["--same-target"] if args.same_target else []
         cmd += ["--realtime"] if args.realtime else []
         child = subprocess.Popen(cmd)
         try:
@@ -205,7 +218,7 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
             raise SystemExit(f"daemon child ({worker}) failed with exit code {rc}")
         child_out = json.loads(out.read_text())
         sent, timing = child_out["sent"], child_out["timing"]
-        engine_ms = child_out["engine_ms"]
+        engine_ms, press_ms = child_out["engine_ms"], child_out["press_ms"]
     arrivals = rec.arrivals
     # Both lists are in send order and JACK MIDI loses nothing, but the recorder may have
     # missed the first notes: walk both, pairing each arrival with the next sent note of its
@@ -224,7 +237,8 @@ def run_one(args: argparse.Namespace, worker: str) -> dict[str, Any]:
     return {"worker": worker, "notes": len(pairs), "unmatched": len(arrivals) - len(pairs),
             "send_ms": _stats(send_err), "arrival_ms": _stats(arr_err),
             "jitter_ms": _stats([abs(e - med) for e in arr_err]), "timing": timing,
-            "engine_ms": _stats(engine_ms)}
+            "engine_ms": _stats(engine_ms),
+            "press_ms": {k: _stats(v) for k, v in press_ms.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", choices=["python", "torch"], default="python",
                    help="python holds the GIL while burning; torch releases it in ops")
     p.add_argument("--spin-ms", type=float, default=2.0, help="clock: spin this long before a step")
+    p.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepare the next regenerate answer before the press ([daemon] "
+                        "prepare_ahead)")
+    p.add_argument("--same-target", action="store_true", help="regenerate bars 1-4 every bar")
     p.add_argument("--melody-bars", type=int, default=8,
                    help="bars of melody played into the input before the regenerations")
     p.add_argument("--realtime", action="store_true", help="clock thread with SCHED_FIFO")
@@ -274,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(f"{r['worker']:8s} notes={r['notes']:4d} send {r['send_ms']} "
                   f"arrival {r['arrival_ms']} jitter {r['jitter_ms']} {r['timing']} "
-                  f"engine {r['engine_ms']}")
+                  f"engine {r['engine_ms']} press {r['press_ms']}")
     return 0
 
 

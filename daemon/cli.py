@@ -12,9 +12,10 @@ import contextlib
 import logging
 import sys
 
-from daemon.app import Daemon, ExtraTask, serve
+from daemon.app import Daemon, ExtraTask
 from daemon.config import Config, ConfigError, load_config
 from daemon.midi_io import MidiBackendError
+from daemon.serve import serve
 from daemon.worker import EngineLoadError
 
 

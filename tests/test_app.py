@@ -7,10 +7,11 @@ from typing import Any
 import mido
 import pytest
 
-from daemon.app import Daemon, make_cc_mapper, make_performance
+from daemon.app import Daemon
 from daemon.config import load_config
 from daemon.control import parse_command
 from daemon.history import run_request
+from daemon.serve import make_cc_mapper, make_performance
 from engine.tokens import HOLD, PITCH_MIN, REST, STEPS_PER_BAR, is_pitch
 from tests.fakes import FakeEngine
 

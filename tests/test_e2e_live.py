@@ -20,9 +20,9 @@ import mido
 import pytest
 
 from daemon.app import Daemon as AppDaemon
-from daemon.app import serve
 from daemon.config import load_config
 from daemon.control import parse_command
+from daemon.serve import serve
 from engine.tokens import PITCH_MIN, STEPS_PER_BAR, is_pitch
 from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
 from tests.test_e2e_jack import Daemon, cc, out_notes
