@@ -176,9 +176,14 @@ class FastLayer(nn.Module):
         scale = 1.0 / math.sqrt(dh)
         wq, bq = _with_extra_row(w[:d], b[:d], H, 1.0, scale)  # queries end in a constant 1
         wk, bk = _with_extra_row(w[d:2 * d], b[d:2 * d], H, 0.0, 1.0)  # keys in a 0 (unmasked)
-        self.register_buffer("qkv_wt", torch.cat([wq, wk, w[2 * d:]]).t().contiguous())
-        self.register_buffer("qkv_b", torch.cat([bq, bk, b[2 * d:]]).contiguous())
-        self.register_buffer("rel_t", relative_table(attn.rel, n_pos, attn.max_rel, True))
+        # Keys and values interleaved per head, [k_h (dh+1), v_h (dh)]: one cache, one write a step.
+        wkv = torch.cat([wk.view(H, dh + 1, -1), w[2 * d:].view(H, dh, -1)], dim=1).reshape(-1, d)
+        bkv = torch.cat([bk.view(H, dh + 1), b[2 * d:].view(H, dh)], dim=1).reshape(-1)
+        self.register_buffer("qkv_wt", torch.cat([wq, wkv]).t().contiguous())
+        self.register_buffer("qkv_b", torch.cat([bq, bkv]).contiguous())
+        rel_t = relative_table(attn.rel, n_pos, attn.max_rel, True)  # (H, dh+1, 2n-1)
+        self.register_buffer("rel_t", rel_t)
+        self.register_buffer("rel_tt", rel_t.transpose(1, 2).contiguous())  # (H, 2n-1, dh+1)
         self.register_buffer("proj_wt", attn.proj.weight.detach().t().contiguous())
         self.register_buffer("proj_b", attn.proj.bias.detach().clone())
         self.register_buffer("cq_w", cross.q.weight.detach().clone() * scale)
@@ -215,58 +220,58 @@ class FastLayer(nn.Module):
 
     def context(self, h: torch.Tensor, rel_idx: torch.Tensor, split: int, n_target: int,
                 first: int, rows: int, m: torch.Tensor, m_bias: torch.Tensor,
-                vp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                vp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The context rows only: h (Bh, nc, D) holds decoder positions 0..split-1 and
         split+n_target..; rel_idx (nc, nc) indexes their relative distances in rel_t.
         Keys and values come from all nc rows, the output from rows first..first+rows-1 only
         (the last layer needs one row: the one that predicts the first target token).
         Bh may be 1 while the latents have batch Bz (interpolation: the first layer's
-        self-attention does not depend on z). Returns the output (Bz, rows, D) and the key
-        cache (Bz, H, dh+1, n) and value cache (Bz, H, n, dh) over all n positions, the
-        target's keys masked until written."""
+        self-attention does not depend on z). Returns the output (Bz, rows, D) and the
+        key/value cache (Bz, H, n, 2*dh+1) over all n positions: [key (dh+1), value (dh)] per
+        head and position, the target's keys masked until written."""
         B, nc, D = h.shape
         Bz = m.size(0)
         H, dh = self.n_heads, self.d_head
         dq = H * (dh + 1)
         qkv = self.ln1(h) @ self.qkv_wt + self.qkv_b
         q = qkv[:, first:first + rows, :dq].reshape(B, rows, H, dh + 1).transpose(1, 2)
-        k = qkv[..., dq:2 * dq].reshape(B, nc, H, dh + 1).permute(0, 2, 3, 1)  # (B,H,dh+1,nc)
-        v = qkv[..., 2 * dq:].reshape(B, nc, H, dh).transpose(1, 2)  # (B, H, nc, dh)
+        kv = qkv[..., dq:].reshape(B, nc, H, 2 * dh + 1).transpose(1, 2)  # (B, H, nc, 2dh+1)
         r = q.transpose(0, 1).reshape(H, B * rows, dh + 1) @ self.rel_t  # (H, B*rows, 2n-1)
         idx = rel_idx[first:first + rows].expand(H, B, rows, nc)
         rel = r.view(H, B, rows, -1).gather(-1, idx).transpose(0, 1)  # (B, H, rows, nc)
-        att = torch.softmax(q @ k + rel, dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, rows, D)
+        att = torch.softmax(q @ kv[..., :dh + 1].transpose(-1, -2) + rel, dim=-1)
+        y = (att @ kv[..., dh + 1:]).transpose(1, 2).reshape(B, rows, D)
         h = h[:, first:first + rows] + (y @ self.proj_wt + self.proj_b)
         if Bz != B:
-            h, k, v = h.expand(Bz, -1, -1), k.expand(Bz, -1, -1, -1), v.expand(Bz, -1, -1, -1)
+            h, kv = h.expand(Bz, -1, -1), kv.expand(Bz, -1, -1, -1)
         h = h + self.cross(self.ln2(h), m, m_bias, vp)
         h = h + self.ff(self.ln3(h))
-        masked_k = torch.zeros((Bz, H, dh + 1, n_target), dtype=h.dtype, device=h.device)
-        masked_k[:, :, dh] = self.masked
-        k_cache = torch.cat([k[..., :split], masked_k, k[..., split:]], dim=-1)
-        v_cache = torch.cat([v[:, :, :split], torch.zeros((Bz, H, n_target, dh), dtype=h.dtype,
-                                                          device=h.device), v[:, :, split:]], dim=2)
-        return h, k_cache, v_cache
+        target = torch.zeros((Bz, H, n_target, 2 * dh + 1), dtype=h.dtype, device=h.device)
+        target[..., dh] = self.masked
+        return h, torch.cat([kv[:, :, :split], target, kv[:, :, split:]], dim=2)
 
-    def step(self, h: torch.Tensor, p: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             m: torch.Tensor, m_bias: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-        """One query position p: h (B, D); writes its key and value into the caches.
+    def step(self, h: torch.Tensor, p: int, kv_cache: torch.Tensor, m: torch.Tensor,
+             m_bias: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+        """One query position p: h (B, D); writes its key and value into the cache.
         Weights pre-transposed: x @ w_t is about twice as fast as linear(x, w) on these tiny
         shapes (MKL's NN path vs NT); TorchScript runs an addmm as mm + add anyway."""
         B, D = h.shape
         H, dh = self.n_heads, self.d_head
         dq = H * (dh + 1)
-        n = v_cache.size(2)
-        qkv = torch.mm(self.ln1(h), self.qkv_wt) + self.qkv_b  # (B, 2*dq + D)
-        k_cache.select(3, p).copy_(qkv[:, dq:2 * dq].view(B, H, dh + 1))  # mask entry -> 0
-        v_cache.select(2, p).copy_(qkv[:, 2 * dq:].view(B, H, dh))
+        n = kv_cache.size(2)
+        qkv = torch.mm(self.ln1(h), self.qkv_wt) + self.qkv_b  # (B, dq + H*(2dh+1))
+        kv_cache.select(2, p).copy_(qkv[:, dq:].view(B, H, 2 * dh + 1))  # mask entry -> 0
         q = qkv[:, :dq].view(B, H, 1, dh + 1)
-        # key j sits at distance j - p: rel_t column n-1 + j - p. One (B, dh+1) x (dh+1, n)
-        # product per head for the whole batch, instead of adding the table to every row's keys.
-        rel = torch.bmm(q.view(B, H, dh + 1).transpose(0, 1), self.rel_t[:, :, n - 1 - p: 2 * n - 1 - p])
-        att = torch.softmax(q @ k_cache + rel.transpose(0, 1).unsqueeze(2), dim=-1)  # (B,H,1,n)
-        h = h + (torch.mm((att @ v_cache).view(B, D), self.proj_wt) + self.proj_b)
+        keys = kv_cache[..., :dh + 1]  # (B, H, n, dh+1)
+        # key j sits at distance j - p: relative table row n-1 + j - p
+        if B == 1:  # q.(k + e) in one product: fewest calls
+            att = q @ (keys + self.rel_tt[:, n - 1 - p: 2 * n - 1 - p]).transpose(-1, -2)
+        else:  # one (B, dh+1) x (dh+1, n) product per head instead of adding e to every row
+            rel = torch.bmm(q.view(B, H, dh + 1).transpose(0, 1),
+                            self.rel_t[:, :, n - 1 - p: 2 * n - 1 - p])  # (H, B, n)
+            att = q @ keys.transpose(-1, -2) + rel.transpose(0, 1).unsqueeze(2)
+        y = (torch.softmax(att, dim=-1) @ kv_cache[..., dh + 1:]).view(B, D)  # (B,H,1,dh)
+        h = h + (torch.mm(y, self.proj_wt) + self.proj_b)
         x = self.ln2(h).unsqueeze(1)  # (B, 1, D)
         att = torch.baddbmm(m_bias, x, m).view(B, 1, H, -1).softmax(-1).view(B, 1, -1)
         h = h + torch.baddbmm(self.cross_proj.bias, att, vp).view(B, D)
@@ -308,18 +313,15 @@ class FastDecoder(nn.Module):
         rel_idx = n - 1 + pos_c[None, :] - pos_c[:, None]  # (nc, nc)
         zt = self.latent(z).view(B, self.l_z, self.d_z)
         mems: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        ks: list[torch.Tensor] = []
-        vs: list[torch.Tensor] = []
+        caches: list[torch.Tensor] = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             m, m_bias, vp = layer.cross_memory(zt)
             # the last layer's output is needed at one row: decoder position start
             first, rows = (start, 1) if i == last else (0, h.size(1))
-            h, k_cache, v_cache = layer.context(h, rel_idx, split, length, first, rows,
-                                                m, m_bias, vp)
+            h, kv_cache = layer.context(h, rel_idx, split, length, first, rows, m, m_bias, vp)
             mems.append((m, m_bias, vp))
-            ks.append(k_cache)
-            vs.append(v_cache)
+            caches.append(kv_cache)
         logits = torch.mm(self.ln(h[:, -1]), self.head_wt) + self.head_b  # predicts x_start
         out_tokens = torch.empty((B, length), dtype=torch.long, device=dev)
         out_logits = torch.empty((B, length, logits.size(-1)), dtype=logits.dtype, device=dev)
@@ -340,6 +342,6 @@ class FastDecoder(nn.Module):
             h = self.embed(token) + self.pos.weight[p]  # (B, D)
             for i, step_layer in enumerate(self.layers):
                 m, m_bias, vp = mems[i]
-                h = step_layer.step(h, p, ks[i], vs[i], m, m_bias, vp)
+                h = step_layer.step(h, p, caches[i], m, m_bias, vp)
             logits = torch.mm(self.ln(h), self.head_wt) + self.head_b
         return out_tokens, out_logits
