@@ -120,3 +120,12 @@ def test_folder_without_fast_parts_compiles_them_at_load(tmp_path, folder):
     engine = Engine.load(old, backend="fast", warm=False)
     reference = Engine.load(folder, backend="fast", warm=False)
     assert engine.infill(GOOD, 4, 5, seed=2).tokens == reference.infill(GOOD, 4, 5, seed=2).tokens
+
+
+def test_agreement_reports_identical_tokens_for_the_same_backend(folder):
+    from engine.agreement import agreement
+
+    windows = random_tokens(4, seed=8).numpy()
+    result = agreement(folder, windows, 4, "fast", "eager")
+    assert result["windows"] == 4 and result["identical_token_share"] == 1.0
+    assert result["identical_target_share"] == 1.0
