@@ -323,11 +323,12 @@ class FastDecoder(nn.Module):
             mems.append((m, m_bias, vp))
             caches.append(kv_cache)
         logits = torch.mm(self.ln(h[:, -1]), self.head_wt) + self.head_b  # predicts x_start
-        out_tokens = torch.empty((B, length), dtype=torch.long, device=dev)
-        out_logits = torch.empty((B, length, logits.size(-1)), dtype=logits.dtype, device=dev)
+        # lists, stacked once at the end: an append is no operator call, a slice write is two
+        out_tokens: list[torch.Tensor] = []
+        out_logits: list[torch.Tensor] = []
         sample = gumbel is not None and temperature > 0.0
         for k in range(length):
-            out_logits[:, k] = logits
+            out_logits.append(logits)
             if sample and gumbel is not None:
                 scaled = logits / temperature
                 if top_p < 1.0:
@@ -335,7 +336,7 @@ class FastDecoder(nn.Module):
                 token = (scaled + gumbel[:, k]).argmax(-1)
             else:
                 token = logits.argmax(-1)
-            out_tokens[:, k] = token
+            out_tokens.append(token)
             if k == length - 1:
                 break
             p = split + k
@@ -344,4 +345,4 @@ class FastDecoder(nn.Module):
                 m, m_bias, vp = mems[i]
                 h = step_layer.step(h, p, caches[i], m, m_bias, vp)
             logits = torch.mm(self.ln(h), self.head_wt) + self.head_b
-        return out_tokens, out_logits
+        return torch.stack(out_tokens, dim=1), torch.stack(out_logits, dim=1)
