@@ -1,6 +1,7 @@
 """Engine benchmark (SPEC section 6, issue 12): prints figures, asserts nothing about time.
 
-    python -m engine.bench [--model models/clsm-default] [--threads 1] [--json] [--profile]
+    python -m engine.bench [--model models/clsm-default | --config configs/default.toml]
+                           [--threads 1] [--json] [--profile]
                            [--cpu-config configs/cpu.toml | --no-cpu-config]
 
 Without --model a default-size model with random weights is exported to a temporary folder; a
@@ -221,12 +222,14 @@ def bench_folder(model_dir: Path, note: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="CLSM engine benchmark")
     parser.add_argument("--model", type=Path, help="model folder (default: random weights)")
+    root = Path(__file__).parent.parent
+    parser.add_argument("--config", type=Path, default=root / "configs" / "default.toml",
+                        help="sizes of the random model when there is no --model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--naive-repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="also profile a 4-bar decode and prior per backend (torch.profiler)")
-    root = Path(__file__).parent.parent
     parser.add_argument("--cpu-config", type=Path, default=root / "configs" / "cpu.toml",
                         help="also bench a random model of this config")
     parser.add_argument("--no-cpu-config", action="store_true", help="skip the CPU-config run")
@@ -235,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        folder, note = prepare_folder(args.model, root / "configs" / "default.toml", Path(tmp),
-                                      "clsm-main")
+        folder, note = prepare_folder(args.model, args.config, Path(tmp), "clsm-main")
         result = bench_folder(folder, note, args)
         if not args.no_cpu_config:
             folder, note = prepare_folder(None, args.cpu_config, Path(tmp), "clsm-cpu-config")
