@@ -36,9 +36,12 @@ def make_cc_mapper(config: Config) -> Any:
 
 def engine_spec(config: Config) -> EngineSpec:
     d, e = config["daemon"], config["engine"]
+    sampling = e["decoding"] == "sample"
     return EngineSpec(kind=d["engine"], model_dir=d["model"], threads=e["threads"],
                       options={"backend": e["backend"], "device": e["device"],
-                               "max_batch": e["max_batch"]})
+                               "max_batch": e["max_batch"],
+                               "temperature": e["temperature"] if sampling else 0.0,
+                               "top_p": e["top_p"] if sampling else 1.0})
 
 
 async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,

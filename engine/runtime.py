@@ -6,6 +6,13 @@ interpolate / vary (SPEC section 2 "Applications", section 6 figures).
     points = engine.interpolate(tokens, 5, 6, z_a, z_b, [0.0, 0.5, 1.0])
     v = engine.vary(tokens, 5, 6, g.z, 0.5, seed=1)
 
+Decoding: argmax (the paper's), or sampling at a temperature within a top-p nucleus, set at load
+(`Engine.load(..., temperature=0.9, top_p=0.9)`, the daemon's `[engine]` config) and
+overridable per infill. Sampling draws its Gumbel noise from the context and target position
+alone, not from the call: every candidate, variation and interpolation point of one target
+shares it, so they differ by z only (the latent space stays what moves the music, and a
+variation at delta 0 is its parent).
+
 Synchronous and CPU-heavy (a few ms per call): call it from one worker thread or process.
 Calls are serialised by a lock. Every bad input or model problem raises one `EngineError`
 whose message says what to fix; the engine stays usable afterwards.
@@ -20,6 +27,7 @@ import pickle
 import random
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,8 +193,10 @@ class Engine:
     """A loaded, warmed CLSM. Build it with `Engine.load`."""
 
     def __init__(self, latent, decoder, manifest: dict, *, name: str, backend: str,
-                 device: str, threads: int, max_batch: int):
+                 device: str, threads: int, max_batch: int, temperature: float = 0.0,
+                 top_p: float = 1.0):
         self.latent, self.decoder, self.manifest = latent, decoder, manifest
+        self.temperature, self.top_p = temperature, top_p  # the default decoding
         self.name, self.backend, self.device = name, backend, torch.device(device)
         self.threads, self.max_batch = threads, max_batch
         self.d_z = int(manifest["model_args"].get("d_z", 128))
@@ -197,8 +207,14 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, backend: str = "torchscript", device: str = "cpu",
-             threads: int = 1, max_batch: int = 8, warm: bool = True) -> Engine:
+             threads: int = 1, max_batch: int = 8, warm: bool = True,
+             temperature: float = 0.0, top_p: float = 1.0) -> Engine:
+        """temperature 0 = argmax by default; > 0 = sampling within the top_p nucleus."""
         t0 = time.perf_counter()
+        temperature = _check_float("temperature", temperature, 0.0, 100.0)
+        top_p = _check_float("top_p", top_p, 0.0, 1.0)
+        if top_p == 0.0:
+            raise EngineError("top_p must be in (0, 1]: 1 keeps every token")
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         threads = _check_int("threads", threads)
@@ -216,7 +232,8 @@ class Engine:
         manifest = _read_manifest(folder)
         latent, decoder = _load_parts(folder, manifest, backend, str(dev))
         engine = cls(latent, decoder, manifest, name=manifest.get("name", folder.name),
-                     backend=backend, device=str(dev), threads=threads, max_batch=max_batch)
+                     backend=backend, device=str(dev), threads=threads, max_batch=max_batch,
+                     temperature=temperature, top_p=top_p)
         engine.load_ms = (time.perf_counter() - t0) * 1e3
         if warm:
             try:
@@ -235,10 +252,12 @@ class Engine:
                seed: int | None = None, z: np.ndarray | None = None,
                temperature: float | None = None) -> Generation:
         """Bars first..last given the rest. z=None draws z ~ p(z | xC, tau) with `seed`
-        (None = a fresh random seed); temperature None or 0 = argmax, > 0 = sampling."""
+        (None = a fresh random seed); temperature None = the engine's decoding, 0 = argmax,
+        > 0 = sampling (within the engine's top_p)."""
         t0 = time.perf_counter()
         x, start, length = self._request(tokens, first_bar, last_bar)
-        temp = 0.0 if temperature is None else _check_float("temperature", temperature, 0.0, 100.0)
+        temp = (self.temperature if temperature is None
+                else _check_float("temperature", temperature, 0.0, 100.0))
         gen = self._generator(seed)
         with self._lock, torch.inference_mode():
             if z is None:
@@ -247,14 +266,14 @@ class Engine:
                 zt = self.latent.flow_inverse((mean + (0.5 * logvar).exp() * eps)[None])
             else:
                 zt = self._latent(z, "z")[None]
-            out = self._decode(x, zt, start, length, temp, gen)
+            out = self._decode(x, zt, start, length, temp)
         return self._result(out[0], zt[0], first_bar, last_bar, t0)
 
     def interpolate(self, tokens: Sequence[int], first_bar: int, last_bar: int,
                     z_a: np.ndarray, z_b: np.ndarray,
                     alphas: Sequence[float]) -> list[Generation]:
-        """z(alpha) = f^-1((1 - alpha) f(z_a) + alpha f(z_b)), decoded together (argmax).
-        alpha 0 and 1 use z_a and z_b exactly."""
+        """z(alpha) = f^-1((1 - alpha) f(z_a) + alpha f(z_b)), decoded together with the
+        engine's decoding. alpha 0 and 1 use z_a and z_b exactly."""
         t0 = time.perf_counter()
         x, start, length = self._request(tokens, first_bar, last_bar)
         if isinstance(alphas, str | bytes) or not isinstance(alphas, Sequence | np.ndarray):
@@ -268,14 +287,15 @@ class Engine:
             a = torch.tensor(alpha, dtype=w.dtype, device=self.device)[:, None]
             z = self.latent.flow_inverse((1 - a) * w[0] + a * w[1])
             z = torch.where(a == 0, za, torch.where(a == 1, zb, z))  # endpoints exactly
-            outs = [self._decode(x, z[i:i + self.max_batch], start, length, 0.0, None)
+            outs = [self._decode(x, z[i:i + self.max_batch], start, length, self.temperature)
                     for i in range(0, len(alpha), self.max_batch)]
         out = torch.cat(outs)
         return [self._result(out[i], z[i], first_bar, last_bar, t0) for i in range(len(alpha))]
 
     def vary(self, tokens: Sequence[int], first_bar: int, last_bar: int, z: np.ndarray,
              delta: float, *, seed: int | None = None) -> Generation:
-        """z(delta) = f^-1(f(z) + delta * eps), eps ~ N(0, Sigma of p(w | xC, tau))."""
+        """z(delta) = f^-1(f(z) + delta * eps), eps ~ N(0, Sigma of p(w | xC, tau)), decoded
+        with the engine's decoding."""
         t0 = time.perf_counter()
         x, start, length = self._request(tokens, first_bar, last_bar)
         d = _check_float("delta", delta, 0.0, 1e3)
@@ -289,12 +309,14 @@ class Engine:
                 eps = torch.randn(self.d_z, generator=gen).to(self.device)
                 zt = self.latent.flow_inverse(self.latent.flow_forward(z0)
                                               + d * (0.5 * logvar).exp() * eps)
-            out = self._decode(x, zt, start, length, 0.0, None)
+            out = self._decode(x, zt, start, length, self.temperature)
         return self._result(out[0], zt[0], first_bar, last_bar, t0)
 
     def info(self) -> dict:
         m = self.manifest
         return {"name": self.name, "backend": self.backend, "device": str(self.device),
+                "decoding": ("argmax" if self.temperature <= 0.0 else
+                             f"temperature={self.temperature:g},top_p={self.top_p:g}"),
                 "threads": self.threads, "max_batch": self.max_batch,
                 "params": m.get("params", {}).get("inference"), "d_z": self.d_z,
                 "dtype": m.get("dtype"), "source": m.get("source"),
@@ -321,9 +343,7 @@ class Engine:
                     if batch != 2:
                         for _ in range(2):
                             self.decoder(x, z, start, length, 0.0, None)
-                gumbel = torch.zeros(1, length, self.n_out, device=self.device)
-                for _ in range(2):
-                    self.decoder(x, z[:1], start, length, 1.0, gumbel)
+                            self._decode(x, z, start, length, self.temperature or 1.0)
         self.warmup_ms = (time.perf_counter() - t0) * 1e3
 
     # ------------------------------------------------------------------ helpers
@@ -376,18 +396,31 @@ class Engine:
             self._priors.popitem(last=False)
         return mean[0], logvar[0]
 
+    def _noise(self, x: torch.Tensor, start: int, length: int, batch: int) -> torch.Tensor:
+        """Gumbel noise (batch, length, n_out) that depends on the context and target position
+        only (see the module docstring): seeded by a checksum of the context tokens."""
+        ctx = x[0].clone()
+        ctx[start:start + length] = tk.POS
+        key = zlib.crc32(ctx.cpu().numpy().astype(np.int64).tobytes() + bytes([start, length]))
+        gen = torch.Generator().manual_seed(key)
+        u = torch.rand((1, length, self.n_out), generator=gen).clamp_(1e-9, 1 - 1e-7)
+        return (-(-u.log()).log()).to(self.device).expand(batch, -1, -1)
+
     def _decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int,
-                temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+                temperature: float) -> torch.Tensor:
         """Tokens (B, length). Batches other than 1 are padded to max_batch: those are the
         shapes warmed up, so latency stays flat (TorchScript re-profiles new shapes)."""
         n = z.size(0)
         if 1 < n < self.max_batch:
             z = torch.cat([z, z[-1:].expand(self.max_batch - n, -1)])
-        gumbel = None
-        if temperature > 0.0 and gen is not None:
-            u = torch.rand((z.size(0), length, self.n_out), generator=gen).clamp_(1e-9, 1 - 1e-7)
-            gumbel = (-(-u.log()).log()).to(self.device)
-        tokens, _ = self.decoder(x, z, start, length, temperature, gumbel)
+        if temperature <= 0.0:
+            tokens, _ = self.decoder(x, z, start, length, 0.0, None)
+        elif self.top_p < 1.0:
+            gumbel = self._noise(x, start, length, z.size(0)).contiguous()
+            tokens, _ = self.decoder(x, z, start, length, temperature, gumbel, self.top_p)
+        else:  # also for model folders exported before top_p existed
+            gumbel = self._noise(x, start, length, z.size(0)).contiguous()
+            tokens, _ = self.decoder(x, z, start, length, temperature, gumbel)
         return tokens[:n]
 
     @staticmethod

@@ -73,15 +73,37 @@ def test_given_z_is_decoded_as_is(engine):
     assert again.tokens == a.tokens and np.array_equal(again.z, a.z)
 
 
-def test_temperature_sampling_is_seeded(engine):
+def test_temperature_sampling_noise_belongs_to_the_context(engine):
+    """Sampling's noise depends on the context and target only, so what differs between
+    candidates is z: same z, same tokens whatever the seed; another context, other noise."""
     tokens = buffer(1)
     z = engine.infill(tokens, 3, 4, seed=0).z
     argmax = engine.infill(tokens, 3, 4, z=z)
     assert engine.infill(tokens, 3, 4, z=z, temperature=0.0).tokens == argmax.tokens
-    hot = [engine.infill(tokens, 3, 4, z=z, temperature=5.0, seed=s).tokens for s in (1, 1, 2)]
+    hot = [engine.infill(tokens, 3, 4, z=z, temperature=5.0, seed=s).tokens for s in (1, 2)]
     assert hot[0] == hot[1]
-    assert hot[0] != hot[2]  # 32 steps at a high temperature: practically never equal
-    assert hot[0] != argmax.tokens
+    assert hot[0] != argmax.tokens  # 32 steps at a high temperature: practically never equal
+    other_context = list(tokens)
+    other_context[0] = (other_context[0] + 1) % 30
+    assert engine.infill(other_context, 3, 4, z=z, temperature=5.0).tokens != hot[0]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_default_sampling_keeps_variation_and_interpolation_on_their_candidates(folder, top_p):
+    hot = Engine.load(folder, backend="eager", max_batch=4, temperature=1.5, top_p=top_p)
+    assert hot.info()["decoding"].startswith("temperature=1.5")
+    tokens = buffer(2)
+    a, b = hot.infill(tokens, 5, 6, seed=1), hot.infill(tokens, 5, 6, seed=2)
+    assert a.tokens != hot.infill(tokens, 5, 6, seed=1, temperature=0.0).tokens  # it samples
+    assert hot.vary(tokens, 5, 6, a.z, 0.0, seed=3).tokens == a.tokens
+    ends = hot.interpolate(tokens, 5, 6, a.z, b.z, [0.0, 1.0])
+    assert [g.tokens for g in ends] == [a.tokens, b.tokens]
+
+
+def test_bad_default_decoding_is_an_engine_error(folder):
+    for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(EngineError):
+            Engine.load(folder, backend="eager", warm=False, **bad)
 
 
 def test_interpolation_endpoints_and_chunks(engine):

@@ -24,8 +24,9 @@ What a player hears (the --decoding rule, i.e. the daemon's):
 - pc_fit: share of their onsets whose pitch class sounds in the context; pc_overlap: the
   duration-weighted pitch-class histogram overlap with the context (1 = same distribution);
 - rerolls_distinct (of 8) and rerolls_distance (mean share of differing tokens over pairs);
-- interp_distinct: distinct sequences among the nine interpolation points (sampling shares
-  one noise draw along the path, so only z moves); interp_distinct_argmax: the same, argmax;
+- interp_distinct: distinct sequences among the nine interpolation points; interp_distinct_argmax:
+  the same, argmax. Sampling shares one noise draw per window among re-rolls, interpolation
+  and variations, as the engine does (its noise depends on the context only): only z moves;
 - vary_change_0.5 / _1.0: share of tokens a variation z(d) = f^-1(f(z) + d eps) changes from its
   parent (same noise); vary_ge15_1.0: share of cases where delta 1.0 changes >= 15%;
 - latent use: prior_sample_acc, the accuracy of decoding one prior draw (argmax) instead of the
@@ -182,8 +183,11 @@ def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, len
         nll, count = lm_target_nll(lm, with_target(x, path.reshape(-1, length), start), start, length)
         t.add("lm_nll", nll, count)
 
-    # The daemon's decoding: re-rolls, an interpolation and variations sharing one noise draw.
-    noise = decoding.noise((K_REROLLS, B, length), gen)
+    # The daemon's decoding (engine/runtime.py): sampling noise belongs to the context, so the
+    # re-rolls, the interpolation and the variations of one window share one noise draw.
+    noise = decoding.noise((1, B, length), gen)
+    if noise is not None:
+        noise = noise.expand(K_REROLLS, -1, -1, -1)
     flat_noise = None if noise is None else noise.reshape(K_REROLLS * B, length, -1)
     z_rolls = m.to_z(w.reshape(-1, m.d_z))
     rolls = m.decode(x.repeat(K_REROLLS, 1), z_rolls, start, length, decoding, flat_noise)
