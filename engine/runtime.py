@@ -122,18 +122,26 @@ def _part(folder: Path, manifest: dict, name: str) -> Path:
 
 def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
     parts = manifest.get("parts")
-    if not isinstance(parts, dict):
-        parts = {}
-    if backend in FAST_PARTS and not all(isinstance(parts.get(k), str) for k in FAST_PARTS[backend]):
-        return _build_fast_parts(folder, parts, backend, device)
+    parts = parts if isinstance(parts, dict) else {}
     keys = FAST_PARTS.get(backend, ("eager",) if backend == "eager" else ("latent", "decoder"))
+    # A folder exported before the fast parts existed: compile them here from its eager weights
+    # (about a second more start-up; a float16 folder gives float16-rounded weights, so tokens
+    # may differ from its float32 torchscript parts). Re-exporting the folder avoids both.
+    compile_fast = backend in FAST_PARTS and not all(isinstance(parts.get(k), str) for k in keys)
+    if compile_fast:
+        log.warning("%s has no %s parts: compiling them from its eager weights (re-export the "
+                    "folder to skip this)", folder, backend)
+        keys = ("eager",)
     if not all(isinstance(parts.get(k), str) for k in keys):
         raise EngineError(f"{folder / export.MANIFEST} does not name the {backend} parts: "
                           f"re-export the model folder")
     try:
-        if backend == "eager":
+        if backend == "eager" or compile_fast:
             ckpt = torch.load(folder / parts["eager"], map_location=device, weights_only=True)
-            latent, decoder = export.build_parts(CLSM.from_checkpoint(ckpt).float())
+            model = CLSM.from_checkpoint(ckpt).float()
+            latent, decoder = (export.script_fast_parts(*export.build_fast_parts(
+                model, lstm_bf16=backend == "fast-bf16")) if compile_fast
+                else export.build_parts(model))
         else:
             latent = export.load_scripted(folder / parts[keys[0]], device)
             decoder = export.load_scripted(folder / parts[keys[1]], device)
@@ -148,28 +156,6 @@ def _load_parts(folder: Path, manifest: dict, backend: str, device: str):
         # float16 folders are stored half-size but computed in float32 here (the fast parts
         # are frozen float32, or bfloat16 on purpose in the Bi-LSTM of fast-bf16)
         latent, decoder = latent.float(), decoder.float()
-    return latent.to(device), decoder.to(device)
-
-
-def _build_fast_parts(folder: Path, parts: dict, backend: str, device: str):
-    """A folder exported before the fast parts existed: build and compile them here from its
-    eager weights (about a second more start-up; a float16 folder gives float16-rounded
-    weights, so tokens may differ from its float32 torchscript parts). Re-export to avoid."""
-    log.warning("%s has no %s parts: compiling them from %s (re-export the folder to skip this)",
-                folder, backend, parts.get("eager"))
-    if not isinstance(parts.get("eager"), str):
-        raise EngineError(f"{folder / export.MANIFEST} names neither the {backend} parts nor "
-                          f"the eager weights: re-export the model folder")
-    try:
-        ckpt = torch.load(folder / parts["eager"], map_location="cpu", weights_only=True)
-        model = CLSM.from_checkpoint(ckpt).float()
-    except (RuntimeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
-            pickle.UnpicklingError) as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise EngineError(f"cannot load the eager weights of {folder}: {first_line}; "
-                          f"re-export the model folder") from e
-    fast = export.build_fast_parts(model, lstm_bf16=backend == "fast-bf16")
-    latent, decoder = export.script_fast_parts(*fast)
     return latent.to(device), decoder.to(device)
 
 
