@@ -3,7 +3,8 @@ and CachedDecoder, same call signatures, arranged for fewer and cheaper operatio
 
 Plain `nn.Module`s written for TorchScript (engine/export.py compiles them; this file knows
 nothing about TorchScript files). On one CPU thread a decode step is a few hundred kFLOP, so
-its cost is the number of operator calls, not arithmetic; everything here cuts calls:
+its cost is mostly the operator calls, not arithmetic; everything here cuts calls or their
+cost (measured figures and what is still missing: docs/engine-speed.md):
 
 FastLatent (prior trunk + flow)
 - q pre-scaled by 1/sqrt(dh); relative logits from one matmul against the relative embeddings
@@ -15,11 +16,13 @@ FastLatent (prior trunk + flow)
 
 FastDecoder (cached decode)
 - the context pass runs on the context rows only (the target rows are decoded step by step
-  anyway): for a 4-bar target that is half the rows;
+  anyway): for a 4-bar target that is half the rows; the last layer's output at one row;
 - each head's query carries one extra constant 1 and each cached key one extra "mask" entry
-  (0 once written, -1e9 before): future-target masking costs no operation, and the relative
-  term for query p is a free slice of the expanded embeddings, added to the keys before one
-  matmul (q . k + q . e = q . (k + e));
+  (0 once written, -1e9 before): future-target masking costs no operation; keys and values sit
+  interleaved in one cache per layer, written once a step;
+- the relative term for query p is a free slice of the expanded embeddings: at batch 1 added to
+  the keys before one matmul (q . k + q . e = q . (k + e)), at batch > 1 one product per head;
+- weights pre-transposed for x @ w_t (MKL's NN path, ~2x faster than linear's NT at M=1);
 - the decode loop (argmax or Gumbel-max sampling with temperature and top-p) runs inside the
   module: one call per infill, no Python between steps.
 All of it is exact up to float rounding (tests/test_fast.py: identical argmax tokens).
