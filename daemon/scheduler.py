@@ -127,6 +127,9 @@ class Scheduler:
                 plan = self._decide(step, plan.output, self._sounding, self._fired_version)
             for msg in plan.messages:
                 self._send(msg)
+            if plan.messages and log.isEnabledFor(logging.DEBUG):  # tests read steps off it
+                log.debug("step %d sent: %s", step,
+                          ", ".join(f"{m.type} {m.note}" for m in plan.messages))
             self._sounding = plan.after
             self._fired_version = _version(plan.output)
             self.fired_steps += 1
