@@ -135,7 +135,7 @@ class NonEmpty:
 # not there is unknown). "section.*" applies to every key of a table. [model] and [train] are
 # the training's; the daemon takes its model's config from the model folder.
 SCHEMA: dict[str, Range | Choices | NonEmpty] = {
-    "engine.backend": Choices(("torchscript", "eager")),
+    "engine.backend": Choices(("fast", "fast-bf16", "torchscript", "eager")),
     "engine.threads": Range(1, 64),
     "engine.decoding": Choices(("argmax", "sample")),
     "engine.temperature": Range(0.0, 10.0, lo_open=True),
