@@ -2,16 +2,24 @@
 # Run a command with the background training run paused (timing benchmarks, JACK tests), and
 # always resume it afterwards, also when the command fails or is interrupted.
 #   scripts/with_training_paused.sh [-g PGID_FILE] CMD ARGS...
-# PGID_FILE (default runs/train.pgid) holds the process group of the training run (start it
-# with setsid so that its process id is its group). Without the file the command just runs.
+# PGID_FILE (default runs/train.pgid) holds the process id of the training run's leader (start
+# it with setsid). torchrun puts each worker in a session of its own, so the leader's process
+# group is not enough: every descendant of the leader is stopped, then the leader.
 set -u
 pgid_file=runs/train.pgid
 if [ "${1:-}" = "-g" ]; then pgid_file=$2; shift 2; fi
-pgid=$(cat "$pgid_file" 2>/dev/null || true)
-if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null; then
-    trap 'kill -CONT -- "-$pgid" 2>/dev/null' EXIT INT TERM
-    kill -STOP -- "-$pgid"
-    echo "training (process group $pgid) paused" >&2
+leader=$(cat "$pgid_file" 2>/dev/null || true)
+
+descendants() {  # the process and all its children, recursively
+    echo "$1"
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do descendants "$child"; done
+}
+
+if [ -n "$leader" ] && kill -0 "$leader" 2>/dev/null; then
+    pids=$(descendants "$leader" | tr '\n' ' ')
+    trap 'kill -CONT $pids 2>/dev/null' EXIT INT TERM
+    kill -STOP $pids
+    echo "training paused (processes $pids)" >&2
 else
     echo "no training run to pause" >&2
 fi
