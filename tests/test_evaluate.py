@@ -256,3 +256,20 @@ def test_saved_result_reprints_as_markdown(tmp_path, tiny_files, capsys):
     assert md.count("| real data |") == 2 and md.count("| clsm |") == 2  # 1 set x 2 cases
     with pytest.raises(SystemExit):
         evaluate.main(["--data", str(tiny_files["data"])])  # no model, no --from
+
+
+def test_choose_decoding_ranks_saved_results(tmp_path, tiny_files, capsys):
+    from training import choose_decoding
+
+    files = []
+    for d in ("argmax", "temperature=1.5"):
+        out = tmp_path / f"{d}.json"
+        evaluate.main(["--checkpoint", str(tiny_files["clsm"]), "--data", str(tiny_files["data"]),
+                       "--n", "2", "--batch", "2", "--decoding", d, "--out", str(out)])
+        files.append(str(out))
+    capsys.readouterr()
+    choose_decoding.main(files)
+    text = capsys.readouterr().out
+    assert "closest to real data:" in text and "argmax" in text and "temperature=1.5" in text
+    rows = choose_decoding.compare([json.loads(Path(f).read_text()) for f in files])
+    assert rows[0]["score"] <= rows[1]["score"]
