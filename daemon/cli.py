@@ -14,14 +14,14 @@ import sys
 
 from daemon.app import Daemon, ExtraTask
 from daemon.config import Config, ConfigError, load_config
-from daemon.midi_io import MidiBackendError
+from daemon.midi_io import MidiBackendError, list_ports
 from daemon.serve import serve
 from daemon.worker import EngineLoadError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run_daemon.py",
+        prog="clsm-daemon",
         description="Real-time MIDI co-performer around the CLSM model (Akama, ISMIR 2021).")
     p.add_argument("--config", help="a TOML file laid over configs/default.toml")
     p.add_argument("--model", help="model directory (default models/clsm-default)")
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-name", help="virtual ports <name>-in / <name>-out (default clsm)")
     p.add_argument("--connect-in", help="read an existing MIDI port (by name) instead")
     p.add_argument("--connect-out", help="write an existing MIDI port (by name) instead")
+    p.add_argument("--list-ports", action="store_true",
+                   help="list the MIDI ports of the chosen --midi-api (names for --connect-in / "
+                        "--connect-out) and exit")
     p.add_argument("--bpm", type=float)
     p.add_argument("--clock", choices=["internal", "external"])
     p.add_argument("--send-clock", action=argparse.BooleanOptionalAction, default=None,
@@ -73,12 +76,25 @@ def mqtt_tasks(config: Config, args: argparse.Namespace) -> list[ExtraTask]:
     return [bridge]
 
 
+def show_ports(api: str) -> int:
+    """`--list-ports`: the MIDI ports on `api`, one a line, on stdout (the command's output)."""
+    name, sources, destinations = list_ports(api)
+    lines = [f"MIDI API: {name}", "inputs (read from; --connect-in NAME):"]
+    lines += [f"  {port}" for port in sources] or ["  (none)"]
+    lines.append("outputs (write to; --connect-out NAME):")
+    lines += [f"  {port}" for port in destinations] or ["  (none)"]
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if args.list_ports:
+            return show_ports(config["midi"]["api"])
         asyncio.run(serve(config, mqtt_tasks(config, args)))
     except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
         print(f"clsm daemon: {e}", file=sys.stderr)

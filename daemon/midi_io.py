@@ -101,6 +101,26 @@ def _open(rt: rtmidi.MidiIn | rtmidi.MidiOut, name: str, connect: str) -> str:
         raise MidiBackendError(f"cannot open MIDI port {connect or name!r}: {e}") from e
 
 
+def list_ports(api: str = "auto") -> tuple[str, list[str], list[str]]:
+    """(API name, ports we can read from, ports we can write to): the names `--connect-in` and
+    `--connect-out` (config `[midi] connect_in` / `connect_out`) take."""
+    name, api_id = resolve_api(api)
+    try:
+        rt_in = rtmidi.MidiIn(api_id, name="clsm-list")
+    except rtmidi.RtMidiError as e:
+        raise _backend_hint(name, e) from e
+    try:
+        rt_out = rtmidi.MidiOut(api_id, name="clsm-list")
+        try:
+            return name, list(rt_in.get_ports()), list(rt_out.get_ports())
+        finally:
+            rt_out.delete()
+    except rtmidi.RtMidiError as e:
+        raise _backend_hint(name, e) from e
+    finally:
+        rt_in.delete()
+
+
 @dataclass(frozen=True)
 class Received:
     msg: mido.Message
