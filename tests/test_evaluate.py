@@ -272,4 +272,4 @@ def test_choose_decoding_ranks_saved_results(tmp_path, tiny_files, capsys):
     text = capsys.readouterr().out
     assert "closest to real data:" in text and "argmax" in text and "temperature=1.5" in text
     rows = choose_decoding.compare([json.loads(Path(f).read_text()) for f in files])
-    assert rows[0]["score"] <= rows[1]["score"]
+    assert (rows[0]["missed"], rows[0]["score"]) <= (rows[1]["missed"], rows[1]["score"])

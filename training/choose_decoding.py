@@ -7,8 +7,9 @@
 Per data set and context case, the distance of a model's generated targets to the real ones:
 |onset rate / real - 1| + |hold share - real| + |rest share - real| + how far the pitch-class
 fit falls short of the real data's (real melodies also leave the context's pitch classes
-sometimes); the score is its mean over sets and cases (lower is closer). The issue's targets
-are printed next to it: onset ratio 0.85-1.15, shares within 8 points, pc_fit >= 0.90,
+sometimes); the score is its mean over sets and cases (lower is closer). Decodings are ranked
+by the number of the issue's player-facing targets they miss over all cells, then by score.
+The targets: onset ratio 0.85-1.15, shares within 8 points, pc_fit >= 0.90,
 re-rolls >= 6 of 8, interpolation >= 5 of 9, variation at delta 1.0 >= 15% in >= 90% of cases.
 """
 
@@ -40,9 +41,11 @@ def compare(results: list[dict]) -> list[dict]:
                 for case, gen in cases.items():
                     real = result["reference"][ds][case]
                     cells.append((ds, case, distance(gen, real), targets_met(gen, real), gen, real))
+            missed = sum(not ok for c in cells for ok in c[3].values())
             rows.append({"decoding": result["settings"]["decoding"], "model": name,
-                         "score": sum(c[2] for c in cells) / len(cells), "cells": cells})
-    return sorted(rows, key=lambda r: r["score"])
+                         "score": sum(c[2] for c in cells) / len(cells), "missed": missed,
+                         "cells": cells})
+    return sorted(rows, key=lambda r: (r["missed"], r["score"]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = compare([json.loads(Path(f).read_text()) for f in args.results])
     for r in rows:
-        print(f"{r['decoding']:28} {r['model']:16} score {r['score']:.3f}")
+        print(f"{r['decoding']:28} {r['model']:16} targets missed {r['missed']:2}  score {r['score']:.3f}")
         for ds, case, d, met, gen, real in r["cells"]:
             ratio = gen["onset_rate"] / real["onset_rate"]
             missed = [k for k, ok in met.items() if not ok]
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"pc_fit {gen['pc_fit']:.2f}/{real['pc_fit']:.2f} rolls {gen['rerolls_distinct']:.1f} "
                   f"interp {gen['interp_distinct']:.1f} vary>=15% {gen['vary_ge15_1.0']:.2f}"
                   f"  missed: {', '.join(missed) or 'none'}")
-    print(f"closest to real data: {rows[0]['decoding']}")
+    print(f"fewest targets missed, then closest to real data: {rows[0]['decoding']}")
 
 
 if __name__ == "__main__":
