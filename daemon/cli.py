@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-worker", choices=["thread", "process"])
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g = p.add_argument_group("OSC (override [osc] of the config; docs/osc.md)")
+    g.add_argument("--osc-port", type=int, help="UDP port for /clsm/... messages; giving it "
+                   "enables OSC (0 = off)")
+    g.add_argument("--osc-host", help="address to listen on (default 127.0.0.1: this machine "
+                   "only)")
     with contextlib.suppress(ImportError):
         from daemon import mqtt
         mqtt.add_arguments(p)
@@ -55,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "clock.bpm": args.bpm, "clock.source": args.clock, "clock.send_clock": args.send_clock,
         "daemon.mode": args.mode,
         "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
+        "osc.port": args.osc_port, "osc.host": args.osc_host,
     })
 
 
@@ -76,6 +82,19 @@ def mqtt_tasks(config: Config, args: argparse.Namespace) -> list[ExtraTask]:
     return [bridge]
 
 
+def osc_tasks(config: Config) -> list[ExtraTask]:
+    """The OSC server as an extra task, when a port is given."""
+    if not config["osc"]["port"]:
+        return []
+    from daemon.osc import OscServer, OscSettings
+
+    settings = OscSettings.from_config(config["osc"])
+
+    async def server(daemon: Daemon) -> None:
+        await OscServer(settings, daemon).run()
+    return [server]
+
+
 def show_ports(api: str) -> int:
     """`--list-ports`: the MIDI ports on `api`, one a line, on stdout (the command's output)."""
     name, sources, destinations = list_ports(api)
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.list_ports:
             return show_ports(config["midi"]["api"])
-        asyncio.run(serve(config, mqtt_tasks(config, args)))
+        asyncio.run(serve(config, mqtt_tasks(config, args) + osc_tasks(config)))
     except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
         print(f"clsm daemon: {e}", file=sys.stderr)
         return 2

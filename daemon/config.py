@@ -177,6 +177,10 @@ SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "mqtt.command_queue": Range(1, 10_000),
     "mqtt.event_queue": Range(1, 100_000),
     "mqtt.incoming_queue": Range(1, 100_000),
+    "osc.port": Range(0, 65535),
+    "osc.host": NonEmpty(),
+    "osc.max_datagram": Range(64, 65507),
+    "osc.command_queue": Range(1, 10_000),
 }
 
 

@@ -1,4 +1,4 @@
-"""Commands, the same over MIDI CC and MQTT (SPEC section 4), validated in one place.
+"""Commands, the same over MIDI CC, MQTT and OSC (SPEC section 4), validated in one place.
 
 `parse_command` checks a JSON-like dict (MQTT), `parse_payload` adds the size limit and JSON
 decoding, and `CCMapper` turns control-channel CCs into the same Commands (built through
@@ -26,7 +26,7 @@ MAX_DELTA = 4.0  # variation distance in prior standard deviations; beyond this 
 MAX_TEMPERATURE = 10.0
 BPM_RANGE = (20.0, 300.0)
 MAX_ID_LEN = 128
-SOURCES = ("cc", "mqtt")
+SOURCES = ("cc", "mqtt", "osc")
 
 
 class CommandError(ValueError):
@@ -38,7 +38,7 @@ class Command:
     action: str  # see ACTIONS
     args: dict[str, Any] = field(default_factory=dict)  # validated, typed values
     id: str | None = None  # echoed back in MQTT events
-    source: str = "cc"  # "cc" | "mqtt"
+    source: str = "cc"  # "cc" | "mqtt" | "osc"
 
     def to_dict(self) -> dict[str, Any]:
         """The command as its JSON payload (for events and logs)."""
