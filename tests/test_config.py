@@ -169,11 +169,14 @@ def test_mqtt_settings_from_the_cli_get_the_same_rules() -> None:
 def test_engine_decoding_reaches_the_engine(tmp_path):
     from daemon.serve import engine_spec
 
-    assert engine_spec(load_config(None)).options["temperature"] == 0.0  # argmax by default
+    default = engine_spec(load_config(None)).options  # the measured default: top-p sampling
+    assert (default["temperature"], default["top_p"]) == (1.0, 0.9)
     user = tmp_path / "sample.toml"
     user.write_text('[engine]\ndecoding = "sample"\ntemperature = 0.9\ntop_p = 0.95\n')
     options = engine_spec(load_config(user)).options
     assert (options["temperature"], options["top_p"]) == (0.9, 0.95)
+    user.write_text('[engine]\ndecoding = "argmax"\n')
+    assert engine_spec(load_config(user)).options["temperature"] == 0.0
     user.write_text('[engine]\ntop_p = 0\n')
     with pytest.raises(ConfigError, match="top_p"):
         load_config(user)
