@@ -211,6 +211,10 @@ def parse(data: list[int], errors: Throttle | None = None) -> mido.Message | Non
     if msg.type not in CHANNEL_TYPES and msg.type not in REALTIME_TYPES:
         log.debug("ignored MIDI %s", msg.type)
         return None
+    if msg.bytes() != list(data):  # mido lets some over-long messages through (E0 00 00 00)
+        (errors or _UNPARSABLE).warning("ignored malformed MIDI bytes %s: %d bytes for a %s",
+                                        " ".join(f"{b:02x}" for b in data[:16]), len(data), msg.type)
+        return None
     return msg
 
 

@@ -145,3 +145,12 @@ async def test_truncated_messages_through_jack_are_skipped(jack_server) -> None:
             assert inp.parse_errors.total >= 1  # what JACK let through was counted
     finally:
         rec.close()
+
+
+def test_over_long_channel_message_is_refused_not_truncated():
+    """Found by hypothesis: mido parses E0 00 00 00 as a 3-byte pitchwheel, dropping a byte."""
+    from daemon.midi_io import parse
+
+    assert parse([0xE0, 0x00, 0x00, 0x00]) is None
+    assert parse([0x90, 60, 100, 7]) is None
+    assert parse([0xE0, 0x00, 0x40]).bytes() == [0xE0, 0x00, 0x40]
