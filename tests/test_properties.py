@@ -22,9 +22,8 @@ from daemon.mqtt import MqttBridge, MqttSettings
 from daemon.safelog import Throttle
 from tests.mqtt_broker import StubDaemon
 
-# derandomize: the same 300 examples on every run, so CI is a gate and not a lottery (a random
-# search found the over-long MIDI message; explore with HYPOTHESIS_PROFILE-free local runs by
-# editing this line, or with the slow fuzz test)
+# derandomize: the same 300 examples on every run, so CI is a gate and not a lottery. A random
+# search (derandomize=False, locally) is how the over-long MIDI message was found.
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
