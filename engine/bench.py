@@ -161,7 +161,10 @@ def prepare_folder(model: Path | None, config: Path, tmp: Path, label: str) -> t
     if model is None:
         weights, source = export.random_model(config)
         export.export(weights, tmp / label, source=source)
-        return tmp / label, f"random weights, {config}"
+        shown = config.resolve()
+        root = Path(__file__).resolve().parents[1]
+        shown = shown.relative_to(root) if root in shown.parents else Path(config.name)
+        return tmp / label, f"random weights, {shown}"  # no machine paths in saved results
     manifest = json.loads((model / export.MANIFEST).read_text())
     if "fast_decoder" in manifest.get("parts", {}):
         return model, str(model)
