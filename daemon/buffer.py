@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from daemon import rules
 from daemon.history import (
     Bar,
     GenerationRequest,
@@ -32,6 +33,7 @@ from daemon.history import (
     ResultError,
     StaleRequestError,
     check_bars,
+    checked,
     run_request,
 )
 from daemon.quantize import Quantizer, check_midi, check_position
@@ -39,8 +41,6 @@ from daemon.targets import KINDS, Targets
 from engine.tokens import HOLD, N_BARS, REST, SEQ_LEN, STEPS_PER_BAR, is_pitch
 
 log = logging.getLogger(__name__)
-
-MODES = ("loop", "follow")
 
 __all__ = [
     "KINDS", "Bar", "GenerationRequest", "HistoryError", "Performance", "PerformanceError",
@@ -58,8 +58,7 @@ class Performance(Targets):
         target: tuple[int, int] = (1, 1),
         max_hold_bars: int = 4,
     ) -> None:
-        if mode not in MODES:
-            raise RequestError(f"mode must be 'loop' or 'follow', not {mode!r}")
+        checked(rules.MODE, "mode", mode)
         self._quant = Quantizer(polyphony, max_hold_bars)
         self.mode = mode
         self.record = bool(record)
@@ -198,8 +197,7 @@ class Performance(Targets):
         self._touched.clear()
 
     def set_record(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise RequestError(f"record must be true or false, got {on!r}")
+        checked(rules.ON_OFF, "record", on)
         if self.record and not on:
             self.stop()
         self.record = on
@@ -235,8 +233,7 @@ class Performance(Targets):
     # ----- mode, target, clear ----------------------------------------------------------
     def set_mode(self, mode: str) -> None:
         """Keeps the music (re-mapped so the bar now playing stays put), drops what is pending."""
-        if mode not in MODES:
-            raise RequestError(f"mode must be 'loop' or 'follow', not {mode!r}")
+        checked(rules.MODE, "mode", mode)
         if mode == self.mode:
             return
         self.stop()

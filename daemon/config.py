@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import rules
 from daemon.safelog import show
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -138,7 +139,7 @@ SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "engine.backend": Choices(("fast", "fast-bf16", "torchscript", "eager")),
     "engine.threads": Range(1, 64),
     "engine.decoding": Choices(("argmax", "sample")),
-    "engine.temperature": Range(0.0, 10.0, lo_open=True),
+    "engine.temperature": Range(0.0, rules.MAX_TEMPERATURE, lo_open=True),
     "engine.top_p": Range(0.0, 1.0, lo_open=True),
     "engine.max_batch": Range(1, 64),
     "midi.api": Choices(("auto", "alsa", "jack", "coremidi")),
@@ -146,15 +147,16 @@ SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "midi.input_channel": Range(0, 16),
     "midi.output_channel": Range(1, 16),
     "midi.polyphony": Choices(("highest", "latest")),
-    "clock.source": Choices(("internal", "external")),
-    "clock.bpm": Range(20.0, 300.0),
+    "clock.source": Choices(("internal", "external", "link")),
+    "clock.bpm": Range(*rules.BPM_RANGE),
     "clock.dropout_s": Range(0.0, 10.0, lo_open=True),
     "clock.smoothing": Range(0.0, 1.0, lo_open=True),
     "clock.lookahead_ms": Range(0.0, 40.0, lo_open=True),
     "clock.spin_ms": Range(0.0, 10.0),
-    "daemon.mode": Choices(("loop", "follow")),
+    "link.quantum": Choices((4, 8, 16, 32)),
+    "daemon.mode": Choices(rules.MODE.choices),
     "daemon.model": NonEmpty(),
-    "daemon.regen_bars": Range(1, 4),
+    "daemon.regen_bars": Range(1, rules.MAX_TARGET_BARS),
     "daemon.interp_steps": Range(1, 64),
     "daemon.max_hold_bars": Range(1, 7),
     "daemon.velocity": Range(1, 127),
@@ -162,7 +164,7 @@ SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "daemon.engine": Choices(("real", "fake")),
     "daemon.engine_worker": Choices(("thread", "process")),
     "control.channel": Range(1, 16),
-    "control.max_delta": Range(0.0, 4.0, lo_open=True),
+    "control.max_delta": Range(0.0, rules.MAX_DELTA, lo_open=True),
     "control.cc.*": Range(0, 127),
     "mqtt.port": Range(1, 65535),
     "mqtt.prefix": NonEmpty(),
@@ -181,6 +183,15 @@ SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "osc.host": NonEmpty(),
     "osc.max_datagram": Range(64, 65507),
     "osc.command_queue": Range(1, 10_000),
+    "http.port": Range(0, 65535),
+    "http.host": NonEmpty(),
+    "http.max_message": Range(64, 16 << 20),
+    "http.max_frame": Range(1024, 64 << 20),
+    "http.max_clients": Range(1, 1000),
+    "http.client_queue": Range(1, 10_000),
+    "http.command_queue": Range(1, 10_000),
+    "http.state_interval_s": Range(0.05, 10.0),
+    "http.send_timeout_s": Range(0.1, 300.0),
 }
 
 

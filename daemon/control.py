@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon import rules
+from daemon.rules import MAX_DELTA, MAX_TARGET_BARS, N_BARS
 from daemon.safelog import show
 
 log = logging.getLogger(__name__)
 
-N_BARS = 8
-MAX_TARGET_BARS = 4
-MAX_SEED = 2**31 - 1
-MAX_DELTA = 4.0  # variation distance in prior standard deviations; beyond this it is noise
-MAX_TEMPERATURE = 10.0
-BPM_RANGE = (20.0, 300.0)
 MAX_ID_LEN = 128
 SOURCES = ("cc", "mqtt", "osc")
 
@@ -48,73 +43,41 @@ class Command:
         return out
 
 
-# ----- field validators: (action, field, value) -> typed value, or CommandError ------------
+# ----- field checks: (action, field, value) -> typed value, or CommandError -----------------
 Check = Callable[[str, str, Any], Any]
 
 
-def _int(lo: int, hi: int, *, none_ok: bool = False) -> Check:
+def _field(rule: rules.Rule) -> Check:
+    """A command field checked by its rule in `daemon.rules`, the error naming the action."""
     def check(action: str, name: str, value: Any) -> Any:
-        if value is None and none_ok:
-            return None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # 5.0 from a JSON library that writes floats is still bar 5
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CommandError(f"{action}: '{name}' must be an integer, got {show(value)}")
-        if not lo <= value <= hi:
-            raise CommandError(f"{action}: '{name}' must be {lo}..{hi}, got {show(value)}")
-        return value
+        try:
+            return rule(name, value)
+        except rules.RuleError as err:
+            raise CommandError(f"{action}: {err}") from None
 
     return check
 
 
-def _num(lo: float, hi: float) -> Check:
-    def check(action: str, name: str, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise CommandError(f"{action}: '{name}' must be a number, got {show(value)}")
-        # an int is compared as an int: float(10**400) and math.isfinite(10**400) overflow
-        if (isinstance(value, float) and not math.isfinite(value)) or not lo <= value <= hi:
-            raise CommandError(f"{action}: '{name}' must be {lo:g}..{hi:g}, got {show(value)}")
-        return float(value)
-
-    return check
-
-
-def _choice(*choices: Any) -> Check:
-    def check(action: str, name: str, value: Any) -> Any:
-        # `True in (1, -1)` is true in Python: refuse bools unless they are the choices.
-        if (isinstance(value, bool) and bool not in map(type, choices)) or value not in choices:
-            raise CommandError(
-                f"{action}: '{name}' must be one of {list(choices)}, got {show(value)}")
-        return value
-
-    return check
-
-
-def _bool(action: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise CommandError(f"{action}: '{name}' must be true or false, got {show(value)}")
-    return value
-
-
-_BAR = _int(1, N_BARS)
-_BARS = _int(1, MAX_TARGET_BARS)
-_SEED = _int(0, MAX_SEED, none_ok=True)
+_BAR = _field(rules.FIRST_BAR)
+_BARS = _field(rules.BARS)
+_SEED = _field(rules.SEED)
+_TEMPERATURE = _field(rules.TEMPERATURE)
 
 # action -> field -> (check, required). Optional fields left out are left out of args.
 ACTIONS: dict[str, dict[str, tuple[Check, bool]]] = {
     "regenerate": {"first_bar": (_BAR, False), "bars": (_BARS, False), "seed": (_SEED, False),
-                   "temperature": (_num(0.0, MAX_TEMPERATURE), False)},
-    "interpolate": {"alpha": (_num(0.0, 1.0), True)},
-    "step": {"direction": (_choice(1, -1), False)},
-    "vary": {"delta": (_num(0.0, MAX_DELTA), True), "seed": (_SEED, False)},
+                   "temperature": (_TEMPERATURE, False)},
+    "interpolate": {"alpha": (_field(rules.ALPHA), True)},
+    "step": {"direction": (_field(rules.DIRECTION), False)},
+    "vary": {"delta": (_field(rules.DELTA), True), "seed": (_SEED, False)},
     "undo": {},
     "clear": {"first_bar": (_BAR, False), "bars": (_BARS, False)},
-    "mode": {"value": (_choice("loop", "follow"), True)},
-    "record": {"value": (_bool, True)},
-    "tempo": {"bpm": (_num(*BPM_RANGE), True)},
-    "transport": {"value": (_choice("start", "stop"), True)},
+    "mode": {"value": (_field(rules.MODE), True)},
+    "record": {"value": (_field(rules.ON_OFF), True)},
+    "tempo": {"bpm": (_field(rules.BPM), True)},
+    "transport": {"value": (_field(rules.TRANSPORT), True)},
     "seed": {"value": (_SEED, True)},
-    "temperature": {"value": (_num(0.0, MAX_TEMPERATURE), True)},
+    "temperature": {"value": (_TEMPERATURE, True)},
     "panic": {},
     "target": {"first_bar": (_BAR, False), "bars": (_BARS, False)},
 }
@@ -123,10 +86,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {"step": {"direction": 1}}
 
 def _cross_check(action: str, args: dict[str, Any]) -> None:
     first, bars = args.get("first_bar"), args.get("bars")
-    if first is not None and bars is not None and first + bars - 1 > N_BARS:
-        raise CommandError(
-            f"{action}: bars {first}..{first + bars - 1} go past bar {N_BARS}"
-        )
+    if first is not None and bars is not None:
+        try:
+            rules.check_target(first, bars)
+        except rules.RuleError as err:
+            raise CommandError(f"{action}: {err}") from None
     if action == "clear" and bars is not None and first is None:
         raise CommandError("clear: 'bars' needs 'first_bar' (no fields = clear the target)")
     if action == "target" and first is None and bars is None:

@@ -11,16 +11,14 @@ variation of the same parent), so one sweep is one undo step, not fifty.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.tokens import N_SYMBOLS, STEPS_PER_BAR, TokenError, target_steps
+from daemon import rules
+from daemon.rules import MAX_SEED
+from engine.tokens import N_SYMBOLS, STEPS_PER_BAR
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**31 - 1
-
 
 class PerformanceError(ValueError):
     """Any refused operation on the performance; the state is left unchanged."""
@@ -68,21 +66,19 @@ class GenerationRequest:
         return self.last_bar - self.first_bar + 1
 
 
-def is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+def checked(rule: rules.Rule, name: str, value: Any) -> Any:
+    """`value` by its rule in `daemon.rules` (the same rule commands are checked with)."""
+    try:
+        return rule(name, value)
+    except rules.RuleError as err:
+        raise RequestError(str(err)) from None
 
 
 def check_bars(first_bar: Any, bars: Any) -> tuple[int, int]:
-    for name, value in (("first_bar", first_bar), ("bars", bars)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(f"{name} must be an int, got {value!r}")
     try:
-        target_steps(first_bar, first_bar + bars - 1)
-    except TokenError as err:
-        raise RequestError(f"bad target bars {first_bar}+{bars}: {err}") from None
-    if bars < 1:
-        raise RequestError(f"bars must be >= 1, got {bars}")
-    return first_bar, bars
+        return rules.check_target(first_bar, bars)
+    except rules.RuleError as err:
+        raise RequestError(str(err)) from None
 
 
 @dataclass

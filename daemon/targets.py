@@ -14,6 +14,7 @@ import zlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from daemon import rules
 from daemon.history import (
     MAX_SEED,
     Bar,
@@ -25,7 +26,7 @@ from daemon.history import (
     StaleRequestError,
     candidate_from,
     check_bars,
-    is_number,
+    checked,
 )
 from engine.tokens import N_BARS, REST, STEPS_PER_BAR
 
@@ -74,9 +75,8 @@ class Targets:
         """Knob-friendly: missing values keep the current ones, the start moves to fit."""
         first = self._target[0] if first_bar is None else first_bar
         length = self._target[1] if bars is None else bars
-        check_bars(1, length)
-        if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= N_BARS:
-            raise RequestError(f"first_bar must be an int 1..{N_BARS}, got {first!r}")
+        length = checked(rules.BARS, "bars", length)
+        first = checked(rules.FIRST_BAR, "first_bar", first)
         self._target = (min(first, N_BARS + 1 - length), length)
 
     def _history_key(self) -> tuple | None:
@@ -121,11 +121,7 @@ class Targets:
         unknown = set(params) - _PARAMS[kind]
         if unknown:
             raise RequestError(f"{kind}: unknown parameter(s) {sorted(unknown)}")
-        seed = params.get("seed")
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
-        ):
-            raise RequestError(f"seed must be an int 0..{MAX_SEED} or None, got {seed!r}")
+        seed = checked(rules.SEED, "seed", params.get("seed"))
         if kind == "regenerate":
             return self._regenerate_request(params)
         hist = self.history()
@@ -133,15 +129,11 @@ class Targets:
             raise HistoryError(f"{kind} needs a current candidate: regenerate first")
         tokens = hist.context if self.mode == "follow" else tuple(self.buffer_tokens())
         if kind == "interpolate":
-            alpha = params.get("alpha")
-            if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
-                raise RequestError(f"alpha must be a number 0..1, got {alpha!r}")
+            alpha = checked(rules.ALPHA, "alpha", params.get("alpha"))
             a, b = hist.anchors()  # raises HistoryError with fewer than two
             out = {"alpha": float(alpha), "z_a": a.z, "z_b": b.z, "anchors": (a.cid, b.cid)}
         else:
-            delta = params.get("delta")
-            if not is_number(delta) or delta < 0:
-                raise RequestError(f"delta must be a number >= 0, got {delta!r}")
+            delta = checked(rules.DELTA, "delta", params.get("delta"))
             parent = hist.vary_parent()
             if seed is None:
                 # One direction per parent (the engine draws a fresh eps on None): a delta
@@ -152,8 +144,8 @@ class Targets:
 
     def _regenerate_request(self, params: dict[str, Any]) -> GenerationRequest:
         temperature = params.get("temperature")
-        if temperature is not None and (not is_number(temperature) or temperature < 0):
-            raise RequestError(f"temperature must be a number >= 0, got {temperature!r}")
+        if temperature is not None:
+            temperature = checked(rules.TEMPERATURE, "temperature", temperature)
         first, bars = self.target
         if "first_bar" in params or "bars" in params:
             first = params.get("first_bar", first)

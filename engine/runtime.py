@@ -60,10 +60,15 @@ def _check_int(name: str, value: object) -> int:
 
 
 def _check_float(name: str, value: object, low: float, high: float = math.inf) -> float:
+    """The engine's own contract only (a negative temperature or delta, an alpha outside 0..1
+    mean nothing to the model); how far a player may turn a knob is `daemon.rules`'s call."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
         raise EngineError(f"{name} must be a number, got {value!r}")
-    out = float(value)
-    if not (low <= out <= high):  # also rejects nan
+    try:
+        out = float(value)
+    except OverflowError:
+        raise EngineError(f"{name} must be a finite number") from None
+    if not (math.isfinite(out) and low <= out <= high):  # also rejects nan
         bound = f"{low}..{high}" if high < math.inf else f">= {low}"
         raise EngineError(f"{name} must be {bound}, got {value!r}")
     return out
@@ -91,7 +96,7 @@ class Engine:
              temperature: float = 0.0, top_p: float = 1.0) -> Engine:
         """temperature 0 = argmax by default; > 0 = sampling within the top_p nucleus."""
         t0 = time.perf_counter()
-        temperature = _check_float("temperature", temperature, 0.0, 100.0)
+        temperature = _check_float("temperature", temperature, 0.0)
         top_p = _check_float("top_p", top_p, 0.0, 1.0)
         if top_p == 0.0:
             raise EngineError("top_p must be in (0, 1]: 1 keeps every token")
@@ -137,7 +142,7 @@ class Engine:
         t0 = time.perf_counter()
         x, start, length = self._request(tokens, first_bar, last_bar)
         temp = (self.temperature if temperature is None
-                else _check_float("temperature", temperature, 0.0, 100.0))
+                else _check_float("temperature", temperature, 0.0))
         gen = self._generator(seed)
         with self._lock, torch.inference_mode():
             if z is None:
@@ -178,7 +183,7 @@ class Engine:
         with the engine's decoding."""
         t0 = time.perf_counter()
         x, start, length = self._request(tokens, first_bar, last_bar)
-        d = _check_float("delta", delta, 0.0, 1e3)
+        d = _check_float("delta", delta, 0.0)
         z0 = self._latent(z, "z")[None]
         gen = self._generator(seed)
         with self._lock, torch.inference_mode():
