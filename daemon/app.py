@@ -261,6 +261,8 @@ class Daemon:
         p = self.performance
         if action == "undo":
             return {"undone": bool(p.undo())}
+        if action == "select":
+            return {"selected": p.select(args["index"])}
         if action == "clear":
             return {"cleared": p.clear(args.get("first_bar"), args.get("bars"))}
         if action == "target":

@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "enables OSC (0 = off)")
     g.add_argument("--osc-host", help="address to listen on (default 127.0.0.1: this machine "
                    "only)")
+    g = p.add_argument_group("web page (override [http] of the config; README 'Web page')")
+    g.add_argument("--http-port", type=int, help="serve the live piano-roll page and its "
+                   "WebSocket on this TCP port (0 = off)")
+    g.add_argument("--http-host", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; any other needs a token)")
+    g.add_argument("--http-token", help="token the page must carry (/?token=...); required "
+                   "beyond loopback. $CLSM_HTTP_TOKEN keeps it out of `ps`")
     with contextlib.suppress(ImportError):
         from daemon import mqtt
         mqtt.add_arguments(p)
@@ -61,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "daemon.mode": args.mode,
         "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
         "osc.port": args.osc_port, "osc.host": args.osc_host,
+        "http.port": args.http_port, "http.host": args.http_host, "http.token": args.http_token,
     })
 
 
@@ -95,6 +103,20 @@ def osc_tasks(config: Config) -> list[ExtraTask]:
     return [server]
 
 
+def web_tasks(config: Config) -> list[ExtraTask]:
+    """The web page's server as an extra task, when a port is given."""
+    if not config["http"]["port"]:
+        return []
+    from daemon.web_guard import WebSettings
+    from daemon.webui import WebServer
+
+    settings = WebSettings.from_config(config["http"])  # refuses beyond loopback without a token
+
+    async def server(daemon: Daemon) -> None:
+        await WebServer(settings, daemon).run()
+    return [server]
+
+
 def show_ports(api: str) -> int:
     """`--list-ports`: the MIDI ports on `api`, one a line, on stdout (the command's output)."""
     name, sources, destinations = list_ports(api)
@@ -114,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.list_ports:
             return show_ports(config["midi"]["api"])
-        asyncio.run(serve(config, mqtt_tasks(config, args) + osc_tasks(config)))
+        asyncio.run(serve(config, mqtt_tasks(config, args) + osc_tasks(config)
+                          + web_tasks(config)))
     except (ConfigError, MidiBackendError, EngineLoadError, ValueError) as e:
         print(f"clsm daemon: {e}", file=sys.stderr)
         return 2

@@ -71,6 +71,7 @@ ACTIONS: dict[str, dict[str, tuple[Check, bool]]] = {
     "step": {"direction": (_field(rules.DIRECTION), False)},
     "vary": {"delta": (_field(rules.DELTA), True), "seed": (_SEED, False)},
     "undo": {},
+    "select": {"index": (_field(rules.CANDIDATE), True)},  # candidate n of the target current
     "clear": {"first_bar": (_BAR, False), "bars": (_BARS, False)},
     "mode": {"value": (_field(rules.MODE), True)},
     "record": {"value": (_field(rules.ON_OFF), True)},

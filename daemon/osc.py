@@ -38,6 +38,7 @@ POSITIONAL: dict[str, tuple[str, ...]] = {
     "step": ("direction",),
     "vary": ("delta", "seed"),
     "undo": (),
+    "select": ("index",),
     "clear": ("first_bar", "bars"),
     "mode": ("value",),
     "record": ("value",),

@@ -92,6 +92,8 @@ MODE = ChoiceRule(("loop", "follow"))
 DIRECTION = ChoiceRule((1, -1))
 TRANSPORT = ChoiceRule(("start", "stop"))
 ON_OFF = BoolRule()
+MAX_CANDIDATE = 100_000  # select: candidate numbers; the history's length is checked when it runs
+CANDIDATE = IntRule(0, MAX_CANDIDATE)  # 0 = the bars before the first candidate
 
 
 def check_target(first_bar: Any, bars: Any) -> tuple[int, int]:

@@ -235,6 +235,20 @@ class Targets:
         self._show(hist)
         return True
 
+    def select(self, index: int) -> int:
+        """Candidate `index` (1-based, as the page lists them) becomes current; 0 = the bars as
+        they were before the first candidate (like undoing past it)."""
+        hist = self.history()
+        if hist is None:
+            raise HistoryError("select needs candidates for the target: regenerate first")
+        n = len(hist.candidates)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= n:
+            raise HistoryError(f"candidate {index!r} does not exist: the target has {n} "
+                               "candidate(s), 1..n (0 = the bars before them)")
+        hist.index = index - 1
+        self._show(hist)
+        return index
+
     def next_alpha(self, direction: int, steps: int) -> float:
         """Alpha one interpolation step (1/J) further, clamped to 0..1."""
         if direction not in (-1, 1) or isinstance(direction, bool):
