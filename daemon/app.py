@@ -63,6 +63,14 @@ class Daemon:
     def _make_clock(self) -> InternalClock | ExternalClock:
         c = self.config["clock"]
         post = queue_poster(asyncio.get_running_loop(), self.events)
+        if c["source"] == "link":
+            from daemon.link_clock import LinkClock
+            return LinkClock(c["bpm"], self.scheduler.fire, post,
+                             quantum=self.config["link"]["quantum"],
+                             start_stop_sync=self.config["link"]["start_stop_sync"],
+                             lookahead_s=c["lookahead_ms"] / 1000, spin_s=c["spin_ms"] / 1000,
+                             clock_out=self.out.send if c["send_clock"] else None,
+                             realtime=c["realtime"])
         if c["source"] == "external":
             return ExternalClock(self.scheduler.fire, post, dropout_s=c["dropout_s"],
                                  smoothing=c["smoothing"], bpm=c["bpm"])
@@ -112,7 +120,7 @@ class Daemon:
                     tg.create_task(extra(self), name=f"extra-{i}")
                 tg.create_task(self._shutdown_when_asked(), name="shutdown")
                 if isinstance(self.clock, InternalClock):
-                    self.clock.start(0)
+                    self.clock.launch()
         except* Shutdown:
             pass
         finally:

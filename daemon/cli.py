@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the MIDI ports of the chosen --midi-api (names for --connect-in / "
                         "--connect-out) and exit")
     p.add_argument("--bpm", type=float)
-    p.add_argument("--clock", choices=["internal", "external"])
+    p.add_argument("--clock", choices=["internal", "external", "link"],
+                   help="transport: internal (--bpm), external MIDI clock in, or link (an "
+                        "Ableton Link session: tempo, bar lines, start/stop; [link] config)")
     p.add_argument("--send-clock", action=argparse.BooleanOptionalAction, default=None,
                    help="internal clock: send MIDI clock, Start and Stop out (config: "
                         "[clock] send_clock)")

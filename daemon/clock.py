@@ -115,6 +115,14 @@ class InternalClock:
                 self._anchor_t = now
             self._bpm = bpm
 
+    def launch(self) -> None:
+        """The daemon's start-up: the transport runs from step 0 (daemon/link_clock.py waits
+        for the session instead when start/stop sync is on)."""
+        self.start(0)
+
+    def _sync(self) -> None:
+        """Hook: called on the clock thread before each step's time is computed."""
+
     def start(self, step: int = 0) -> None:
         if self.running:
             return
@@ -160,6 +168,7 @@ class InternalClock:
         first = True
         self._post(ClockEvent("plan", step, self.ideal_time(step)))
         while not self._stop.is_set():
+            self._sync()  # a clock that follows another timeline (Link) re-anchors here
             ideal = self.ideal_time(step)
             dur = step_seconds(self._bpm)
             if self._now() > ideal + dur / 2:
