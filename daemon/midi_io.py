@@ -22,11 +22,13 @@ its ports (it logs "MIDI out: ..." when both are open).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -153,17 +155,30 @@ class MidiInput:
             self.dropped += 1  # a flood must not grow memory without bound
 
     def open(self) -> MidiInput:
+        self.create()
+        self.open_port()
+        log.info("MIDI in: %s (%s)", self.port, self.api_name)
+        return self
+
+    def create(self) -> None:
+        """The backend client, no port yet (`open_ports` lists the others' ports in between)."""
         self._loop = asyncio.get_running_loop()
         try:
             self._rt = rtmidi.MidiIn(self._api, name=self.name)
         except rtmidi.RtMidiError as e:
             raise _backend_hint(self.api_name, e) from e
+
+    def ports(self) -> list[str]:
+        """The ports this client can read from (other clients' outputs)."""
+        assert self._rt is not None
+        return list(self._rt.get_ports())
+
+    def open_port(self) -> None:
+        assert self._rt is not None
         self.port = _open(self._rt, self.name, self._connect)
         # SysEx is let in only to be logged and dropped; clock must not be ignored (trap 3).
         self._rt.ignore_types(sysex=False, timing=False, active_sense=True)
         self._rt.set_callback(self._callback)
-        log.info("MIDI in: %s (%s)", self.port, self.api_name)
-        return self
 
     def close(self) -> None:
         if self._rt is None:
@@ -238,13 +253,25 @@ class MidiOutput:
         self.flush_s = 0.05
 
     def open(self) -> MidiOutput:
+        self.create()
+        self.open_port()
+        log.info("MIDI out: %s (%s)", self.port, self.api_name)
+        return self
+
+    def create(self) -> None:
         try:
             self._rt = rtmidi.MidiOut(self._api, name=self.name)
         except rtmidi.RtMidiError as e:
             raise _backend_hint(self.api_name, e) from e
+
+    def ports(self) -> list[str]:
+        """The ports this client can write to (other clients' inputs)."""
+        assert self._rt is not None
+        return list(self._rt.get_ports())
+
+    def open_port(self) -> None:
+        assert self._rt is not None
         self.port = _open(self._rt, self.name, self._connect)
-        log.info("MIDI out: %s (%s)", self.port, self.api_name)
-        return self
 
     def send(self, msg: mido.Message) -> None:
         with self._lock:
@@ -284,3 +311,41 @@ class MidiOutput:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.close()
+
+
+@contextlib.asynccontextmanager
+async def open_ports(midi_in: MidiInput, midi_out: MidiOutput
+                     ) -> AsyncIterator[tuple[MidiInput, MidiOutput]]:
+    """Both ports, logged under the names the backend really gave them (issue 15, defect 11).
+
+    JACK numbers a second client called `clsm-in` as `clsm-in-01`, so a second daemon's input
+    is `clsm-in-01:clsm-in`; each client lists only the other direction's ports, so the input's
+    real name is what the output client sees appear when it opens, and vice versa. No client
+    opens or closes in between (the JACK churn rule at the top of this module)."""
+    try:
+        midi_in.create()
+        midi_out.create()
+        writable, readable = midi_out.ports(), midi_in.ports()
+        midi_in.open_port()
+        midi_out.open_port()
+        for port, seen_by, before in ((midi_in, midi_out, writable), (midi_out, midi_in, readable)):
+            if not port._connect:
+                port.port = _real_name(port.name, seen_by.ports(), before)
+        log.info("MIDI in: %s, out: %s (%s)", midi_in.port, midi_out.port, midi_in.api_name)
+        yield midi_in, midi_out
+    finally:
+        midi_out.close()
+        midi_in.close()
+
+
+def _real_name(name: str, now: list[str], before: list[str]) -> str:
+    """The port that appeared when we opened `name`; warns when another one has that name."""
+    new = [p for p in now if p not in before and name in p]
+    if len(new) != 1:
+        return name  # the backend does not list it (or a third client opened at once)
+    others = [p for p in before if name in p]
+    if others:
+        log.warning("another MIDI port is already called %r (%s): this daemon's is %r; connect "
+                    "to that one, or give each daemon its own [midi] port_name",
+                    name, ", ".join(others), new[0])
+    return new[0]

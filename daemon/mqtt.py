@@ -41,8 +41,10 @@ from daemon.mqtt_wire import (
     BridgeStats,
     DaemonLike,
     Parser,
+    TakeoverWatch,
     bar_seconds,
     clip,
+    disconnect_reason,
     dumps,
     id_and_action,
 )
@@ -168,12 +170,16 @@ class MqttBridge:
 
     async def _connection_loop(self) -> None:
         attempt = 0
+        watch = TakeoverWatch(self.settings.client_id)
         while True:
+            lost: list[BaseException] = []
+            self._session_start: float | None = None
             try:
                 async with self._client() as client:
                     attempt = 0
                     await self._session(client)
             except* aiomqtt.MqttError as group:
+                lost = list(group.exceptions)
                 self.stats.connect_failures += 1
                 log.warning("MQTT %s:%d: %s", self.settings.host, self.settings.port,
                             "; ".join(str(e) for e in group.exceptions))
@@ -182,6 +188,9 @@ class MqttBridge:
                 log.exception("MQTT session failed")
             finally:
                 self.connected.clear()
+            lasted = None if self._session_start is None else time.monotonic() - self._session_start
+            if lost and watch.session_ended(lasted, disconnect_reason(lost), self.stats):
+                attempt = max(attempt, 30)  # the slowest backoff: let the other one have it
             delay = self._backoff(attempt)
             attempt += 1
             log.info("MQTT reconnecting in %.2f s", delay)
@@ -202,6 +211,7 @@ class MqttBridge:
             qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
         await client.publish(self.status_topic, b"online", qos=1, retain=True)
         self.stats.connects += 1
+        self._session_start = time.monotonic()
         self.connected.set()
         log.info("MQTT connected to %s:%d as %s, commands on %s", self.settings.host,
                  self.settings.port, self.settings.client_id, self.cmd_topic)

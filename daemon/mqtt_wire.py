@@ -3,14 +3,19 @@ the best-effort id of a refused command, the state heartbeat's bar length."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import logging
 import re
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from daemon import safelog
+
+log = logging.getLogger("daemon.mqtt")
 
 EVENTS_IN_FLIGHT = 8  # events published before the first PUBACK is back (aiomqtt warns past 10)
 LOG_PAYLOAD_CHARS = 120  # payloads in logs are clipped: a 64 KiB command must not flood the log
@@ -45,13 +50,15 @@ class BridgeStats:
     handler_crashes: int = 0
     retained_refused: int = 0  # retained commands answered with an error, never run
     status_reasserted: int = 0  # foreign statuses on our topic answered with `online`
+    takeovers: int = 0  # sessions lost at once after set-up (client id taken over?)
 
     def for_state(self) -> dict[str, int]:
         """The counters a client of ``state`` can act on (drops and refusals included)."""
         return {"received": self.commands_received, "handled": self.commands_handled,
                 "errors": self.errors_sent, "busy": self.busy,
                 "retained_refused": self.retained_refused,
-                "events_dropped": self.events_dropped, "reconnects": max(0, self.connects - 1)}
+                "events_dropped": self.events_dropped, "reconnects": max(0, self.connects - 1),
+                "takeovers": self.takeovers}
 
 
 def clip(payload: bytes | bytearray | str, n: int = LOG_PAYLOAD_CHARS) -> str:
@@ -101,3 +108,65 @@ def bar_seconds(snap: Mapping[str, Any]) -> float | None:
     if not playing or not isinstance(bpm, int | float) or bpm <= 0:
         return None
     return 4 * 60.0 / float(bpm)
+
+
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
+
+
+def disconnect_reason(errors: Iterable[BaseException]) -> int | None:
+    """The reason code of the broker's DISCONNECT behind a lost session, if one is known.
+
+    aiomqtt raises "Disconnected during message iteration" from the MqttCodeError that
+    carries the broker's code: follow the cause chain to it."""
+    for err in errors:
+        if isinstance(err, BaseExceptionGroup):  # from the session's own task group
+            found = disconnect_reason(err.exceptions)
+            if found is not None:
+                return found
+            continue
+        seen: BaseException | None = err
+        while seen is not None:
+            rc = getattr(seen, "rc", None)
+            value = getattr(rc, "value", rc)
+            if isinstance(value, int):
+                return value
+            seen = seen.__cause__
+    return None
+
+
+class TakeoverWatch:
+    """Two clients with one client id kick each other off for ever (issue 15, defect 11: 44
+    times in 30 s). The broker's reason is not always told (mosquitto may just close the
+    socket: paho then reports 128, unspecified), so a session the broker ends within
+    `short_s` of setting it up counts too. From `loop_count` of those within `window_s`, say
+    so clearly (one ERROR per window) and ask the bridge to reconnect slowly."""
+
+    def __init__(self, client_id: str, loop_count: int = 3, window_s: float = 30.0,
+                 short_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client_id, self.loop_count, self.window_s = client_id, loop_count, window_s
+        self.short_s, self._clock = short_s, clock
+        self._times: collections.deque[float] = collections.deque()
+        self._last_error = -1e18
+
+    def session_ended(self, lasted_s: float | None, reason: int | None,
+                      stats: BridgeStats) -> bool:
+        """Note a lost session (`lasted_s` None: it never came up); True while looping."""
+        now = self._clock()
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+        taken = reason == SESSION_TAKEN_OVER
+        if not taken and (lasted_s is None or lasted_s > self.short_s):
+            return False
+        stats.takeovers += 1
+        self._times.append(now)
+        looping = len(self._times) >= self.loop_count
+        if looping and now - self._last_error >= self.window_s:
+            self._last_error = now
+            cause = "handed our session to another client" if taken else \
+                "ended our session right after it was set up"
+            log.error("MQTT: the broker %s %d times in %.0f s: most likely another daemon or "
+                      "client uses the same client id %s and the two kick each other off. Give "
+                      "each its own [mqtt] client_id (or leave it unset for a unique one). "
+                      "Reconnecting slowly until this stops.",
+                      cause, len(self._times), self.window_s, safelog.show(self.client_id))
+        return looping

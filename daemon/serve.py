@@ -15,7 +15,7 @@ from typing import Any
 
 from daemon.app import Daemon, ExtraTask
 from daemon.config import Config
-from daemon.midi_io import MidiInput, MidiOutput
+from daemon.midi_io import MidiInput, MidiOutput, open_ports
 from daemon.worker import EngineSpec, EngineWorker
 
 log = logging.getLogger("daemon")
@@ -54,9 +54,9 @@ async def serve(config: Config, extra_tasks: list[ExtraTask] | None = None,
         sys.setswitchinterval(0.0005)
     async with EngineWorker(spec or engine_spec(config), d["engine_worker"]) as worker:
         performance, cc = make_performance(config), make_cc_mapper(config)
-        async with (MidiInput(m["port_name"], m["api"], m["connect_in"]) as midi_in,
-                    MidiOutput(m["port_name"], m["api"], m["connect_out"],
-                               m["output_channel"]) as out):
+        async with open_ports(MidiInput(m["port_name"], m["api"], m["connect_in"]),
+                              MidiOutput(m["port_name"], m["api"], m["connect_out"],
+                                         m["output_channel"])) as (midi_in, out):
             daemon = Daemon(config, worker, out, performance, cc)
             daemon.extra_tasks.extend(extra_tasks or [])
             loop = asyncio.get_running_loop()

@@ -10,7 +10,15 @@ import uuid
 import mido
 import pytest
 
-from daemon.midi_io import MidiBackendError, MidiInput, MidiOutput, accepts, parse, resolve_api
+from daemon.midi_io import (
+    MidiBackendError,
+    MidiInput,
+    MidiOutput,
+    accepts,
+    open_ports,
+    parse,
+    resolve_api,
+)
 from daemon.safelog import Throttle
 from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
 
@@ -154,3 +162,21 @@ def test_over_long_channel_message_is_refused_not_truncated():
     assert parse([0xE0, 0x00, 0x00, 0x00]) is None
     assert parse([0x90, 60, 100, 7]) is None
     assert parse([0xE0, 0x00, 0x40]).bytes() == [0xE0, 0x00, 0x40]
+
+
+@pytest.mark.jack
+async def test_a_second_daemons_ports_are_logged_under_their_real_names(
+        jack_server, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """Issue 15, defect 11: JACK named the second daemon's input `<name>-in-01` while its log
+    said `<name>-in`."""
+    caplog.set_level(logging.INFO, logger="daemon.midi_io")
+    name = f"dup{uuid.uuid4().hex[:4]}"
+    async with open_ports(MidiInput(name, "jack"), MidiOutput(name, "jack")) as (in1, out1):
+        assert (in1.port, out1.port) == (f"{name}-in:{name}-in", f"{name}-out:{name}-out")
+        assert "already called" not in caplog.text
+        async with open_ports(MidiInput(name, "jack"), MidiOutput(name, "jack")) as (in2, out2):
+            assert (in2.port, out2.port) == (f"{name}-in-01:{name}-in", f"{name}-out-01:{name}-out")
+            assert f"MIDI in: {in2.port}, out: {out2.port}" in caplog.text
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(f"{name}-in-01:{name}-in" in w and "port_name" in w for w in warnings)
+            assert any(f"{name}-out-01:{name}-out" in w for w in warnings)

@@ -153,3 +153,27 @@ async def test_packets_over_the_limit_never_reach_python(broker: Broker) -> None
     # the 3 MB one never arrived: probes, mid and after did
     assert bridge.stats.commands_received == bridge.stats.commands_handled + 1
     assert not any('"huge"' in m.payload for m in sub.messages)
+
+
+async def test_two_daemons_with_one_client_id_are_told_apart(broker: Broker, caplog) -> None:
+    """Defect 11: the same client id made two daemons kick each other off 44 times in 30 s,
+    with nothing in the log but reconnects."""
+    caplog.set_level(logging.WARNING, logger="daemon.mqtt")
+    s = make_settings(broker, client_id="same-id")
+    first, second = MqttBridge(s, StubDaemon()), MqttBridge(s, StubDaemon())
+    async with running(first), running(second, wait=False):
+        await asyncio.sleep(3)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("'same-id'" in e and "client_id" in e for e in errors), errors
+    assert len(errors) <= 2  # one per 30 s window and daemon, not one per reconnect
+    assert first.stats.takeovers + second.stats.takeovers >= 3
+    assert "takeovers" in first.stats.for_state()
+
+
+async def test_a_lone_daemon_reports_no_takeover(broker: Broker, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="daemon.mqtt")
+    bridge = MqttBridge(make_settings(broker), StubDaemon())
+    async with running(bridge):
+        await asyncio.sleep(1)
+    assert bridge.stats.takeovers == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
