@@ -14,15 +14,20 @@ from pathlib import Path
 
 import torch
 
-from engine import export
+from engine import export, native
 from engine.model import CLSM
 
 log = logging.getLogger("engine.runtime")
 
-# fast: engine/fast.py's parts (issue 12), same tokens as torchscript and eager; fast-bf16: the
-# same with the prior's Bi-LSTM in bfloat16 (reduced precision: z moves by ~1e-3, tokens rarely).
-BACKENDS = ("torchscript", "fast", "fast-bf16", "eager")
-FAST_PARTS = {"fast": ("fast_latent", "fast_decoder"), "fast-bf16": ("fast_latent_bf16", "fast_decoder")}
+# fast: engine/fast.py's parts (issue 12), same tokens as torchscript and eager, decoding with
+# engine/native.py's C++ loop where the folder has its weights and the library builds (else with
+# the TorchScript loop); fast-bf16: the same with the prior's Bi-LSTM in bfloat16 (reduced
+# precision: z moves by ~1e-3, tokens rarely); fast-script: fast with the TorchScript loop always
+# (the fallback, kept selectable to compare and test it).
+BACKENDS = ("torchscript", "fast", "fast-bf16", "fast-script", "eager")
+FAST_PARTS = {"fast": ("fast_latent", "fast_decoder"), "fast-bf16": ("fast_latent_bf16", "fast_decoder"),
+              "fast-script": ("fast_latent", "fast_decoder")}
+NATIVE_BACKENDS = ("fast", "fast-bf16")
 
 
 class EngineError(Exception):
@@ -112,7 +117,9 @@ def load_parts(folder: Path, manifest: dict, backend: str, device: str):
                 else export.build_parts(model))
         else:
             latent = export.load_scripted(files[keys[0]], device)
-            decoder = export.load_scripted(files[keys[1]], device)
+            decoder = native_decoder(folder, manifest, backend, device)
+            if decoder is None:
+                decoder = export.load_scripted(files[keys[1]], device)
     # torch reports unreadable files through many exception types (the unpickler's own,
     # RuntimeError from the TorchScript loader and load_state_dict, ...).
     except (RuntimeError, OSError, ValueError, KeyError, TypeError, IndexError, EOFError,
@@ -125,3 +132,19 @@ def load_parts(folder: Path, manifest: dict, backend: str, device: str):
         # are frozen float32, or bfloat16 on purpose in the Bi-LSTM of fast-bf16)
         latent, decoder = latent.float(), decoder.float()
     return latent.to(device), decoder.to(device)
+
+
+def native_decoder(folder: Path, manifest: dict, backend: str,
+                   device: str) -> native.NativeDecoder | None:
+    """The C++ decode loop for a fast backend, or None (another backend, another device, a
+    folder exported without its weights, no compiler): the caller then uses TorchScript."""
+    name = manifest["parts"].get("native_decoder")
+    if backend not in NATIVE_BACKENDS or device != "cpu" or not isinstance(name, str):
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    packed = torch.load(listed_part(folder, manifest, name), map_location="cpu", weights_only=True)
+    if not isinstance(packed, dict):
+        raise ValueError(f"{name} is not a dict of tensors")
+    return native.NativeDecoder(lib, packed)
