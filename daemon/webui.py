@@ -110,6 +110,7 @@ class WebServer:
         self._commands: asyncio.Queue[tuple[Command, Client]] = asyncio.Queue(
             self.settings.command_queue)
         self._dirty = asyncio.Event()
+        self._last_state: tuple[float, str] | None = None  # (loop time, text) of the last push
         self._files = static_files()
         self.address: tuple[str, int] | None = None
         self.bound = asyncio.Event()
@@ -205,7 +206,7 @@ class WebServer:
         self.clients.add(client)
         self.stats.clients, self.stats.connections = len(self.clients), self.stats.connections + 1
         client.reply(self.hello(), self.stats)
-        client.push_state(self.state_text(), self.stats)
+        client.push_state(self.fresh_state(), self.stats)
         sender = asyncio.create_task(self._send_loop(client), name="web-client-send")
         try:
             async for msg in ws:
@@ -267,6 +268,14 @@ class WebServer:
         snap["web"] = self.stats.as_dict()
         return dumps({"type": "state", "state": snap}).decode()
 
+    def fresh_state(self) -> str:
+        """The state for a page that just connected: the last push if it is recent (a burst of
+        connections costs one snapshot, not one each)."""
+        now = asyncio.get_running_loop().time()
+        if self._last_state is None or now - self._last_state[0] > MIN_PUSH_S:
+            self._last_state = (now, self.state_text())
+        return self._last_state[1]
+
     def on_daemon_event(self, event: dict) -> None:
         """A daemon listener (on the loop): any result, transport change or state = push."""
         self._dirty.set()
@@ -280,6 +289,7 @@ class WebServer:
             if self.clients:
                 t0 = loop.time()
                 text = self.state_text()  # one snapshot for every page
+                self._last_state = (t0, text)
                 for c in list(self.clients):
                     c.push_state(text, self.stats)
                 await asyncio.sleep(max(0.0, MIN_PUSH_S - (loop.time() - t0)))

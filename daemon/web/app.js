@@ -9,8 +9,9 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const TOKEN = params.get("token");
 
-// Geometry of the roll in SVG units (the SVG scales to its box).
-const STEP_W = 10, ROW_H = 9, GUTTER = 26, HEAD = 16;
+// Geometry of the roll in CSS pixels, from the SVG's box (no stretched text on a phone).
+const GUTTER = 26, HEAD = 16;
+let STEP_W = 10, ROW_H = 9;
 let T = { pitch_min: 55, pitch_max: 84, rest: 30, hold: 31, steps_per_bar: 16, bars: 8 };
 let limits = { max_delta: 2, max_target_bars: 4, interp_steps: 8 };
 
@@ -92,6 +93,7 @@ function onMessage(msg) {
     note("result", describe(msg));
   } else if (msg.type === "error") {
     settle(msg);
+    for (const k of Object.keys(touched)) delete touched[k]; // the state has the real values
     note("error", (msg.action ? msg.action + ": " : "") + msg.error);
   }
 }
@@ -151,7 +153,8 @@ function targetBars(s) {
 function render(s) {
   const svg = $("roll");
   const nSteps = T.bars * T.steps_per_bar, nRows = T.pitch_max - T.pitch_min + 1;
-  const W = GUTTER + nSteps * STEP_W, H = HEAD + nRows * ROW_H;
+  const W = Math.max(300, svg.clientWidth), H = Math.max(180, svg.clientHeight);
+  STEP_W = (W - GUTTER) / nSteps; ROW_H = (H - HEAD) / nRows;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   const y = (p) => HEAD + (T.pitch_max - p) * ROW_H;
@@ -162,15 +165,17 @@ function render(s) {
       x: GUTTER, y: y(p), width: nSteps * STEP_W, height: ROW_H }, svg);
     if (pc === 0) el("text", { class: "pitch-label", x: 2, y: y(p) + ROW_H - 1 }, svg).textContent = `C${p / 12 - 1}`;
   }
-  const tb = targetBars(s);
+  const tb = targetBars(s), wide = STEP_W * T.steps_per_bar > 64;
   for (let b = 1; b <= T.bars; b++) {
     const inT = b >= tb.first && b <= tb.last;
-    const role = inT ? "target" : "ctx";
-    el("rect", { class: `bar-bg ${role}`, "data-bar": b, "data-role": role,
+    // the paper's Fig. 1: left context | target | right context
+    const role = inT ? "target" : b < tb.first ? "context-left" : "context-right";
+    el("rect", { class: `bar-bg ${inT ? "target" : "ctx"}`, "data-bar": b, "data-role": role,
       x: x((b - 1) * T.steps_per_bar), y: HEAD, width: T.steps_per_bar * STEP_W, height: nRows * ROW_H }, svg);
-    const label = el("text", { class: `bar-label ${role}`, "data-bar": b,
+    const label = el("text", { class: `bar-label ${inT ? "target" : "ctx"}`, "data-bar": b,
       x: x((b - 1) * T.steps_per_bar) + 3, y: HEAD - 4 }, svg);
-    label.textContent = `${b}${inT ? " target" : ""}${s.owners[b - 1] === "coperformer" ? " ◆" : ""}`;
+    label.textContent = `${b}${inT ? (wide ? " target" : "T") : ""}` +
+      `${s.owners[b - 1] === "coperformer" ? " ◆" : ""}`;
     label.addEventListener("click", () => send({ action: "target", first_bar: b }, false));
   }
   for (let step = 0; step <= nSteps; step++) {
@@ -204,7 +209,7 @@ const touched = {}; // a control the player moved lately is not overwritten by t
 
 function setIfIdle(id, value) {
   const c = $(id);
-  if (performance.now() - (touched[id] || 0) < 1500) return;
+  if (id in touched && performance.now() - touched[id] < 1500) return;
   if (c.type === "checkbox") c.checked = value; else c.value = value;
 }
 
@@ -305,5 +310,6 @@ function wire() {
 }
 
 wire();
+window.addEventListener("resize", () => { if (clsm.state) render(clsm.state); });
 connect();
 requestAnimationFrame(tick);
