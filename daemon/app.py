@@ -92,6 +92,7 @@ class Daemon:
         snap.update({
             "transport": "playing" if self.clock.running else "stopped",
             "bpm": round(self.clock.bpm, 2), "clock": self.clock.source,
+            "link_peers": getattr(self.clock, "peers", None),  # --clock link: peers in session
             "position": round(self.clock.position(), 3),
             "bar": int(self.clock.position()) // STEPS_PER_BAR % 8 + 1,
             "engine": dict(self.worker.engine_info), "engine_worker": self.worker.kind,
