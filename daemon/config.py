@@ -17,7 +17,16 @@ from typing import Any
 from daemon import rules
 from daemon.safelog import show
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+def _default_path() -> Path:
+    """configs/default.toml of a source checkout (make run, editable installs); an installed
+    wheel has its copy as daemon/default.toml (a symlink to it in the checkout)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "configs" / "default.toml"
+    return checkout if checkout.is_file() else here / "default.toml"
+
+
+DEFAULT_PATH = _default_path()
 
 Config = dict[str, Any]
 

@@ -83,8 +83,18 @@ def build_engine(spec: EngineSpec) -> Any:
     return BusyEngine(engine, spec.busy_ms, spec.busy_kind) if spec.busy_ms > 0 else engine
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A relative model path is looked up from the working directory, then in the source
+    checkout this package runs from (so `clsm-daemon` finds models/clsm-default anywhere)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.is_dir():
+        return p
+    checkout = Path(__file__).resolve().parent.parent / p
+    return checkout if checkout.is_dir() else p
+
+
 def _load_real(spec: EngineSpec) -> Any:
-    model_dir = Path(spec.model_dir)
+    model_dir = resolve_model_dir(spec.model_dir)
     try:
         from engine import runtime
     except ImportError as e:
@@ -93,8 +103,11 @@ def _load_real(spec: EngineSpec) -> Any:
             f"(engine/runtime.py) is not available ({e}); run with --engine fake to try the "
             "daemon without a model") from e
     if not model_dir.is_dir():
-        raise EngineLoadError(f"model directory {model_dir.resolve()} does not exist; pass "
-                              "--model DIR or run with --engine fake")
+        raise EngineLoadError(
+            f"model directory {model_dir.resolve()} does not exist; pass --model DIR (a model "
+            "folder: models/clsm-default of a clone of the repository, or one written by "
+            "clsm-export) or run with --engine fake. A pip-installed clsm-daemon ships no model "
+            "(the default one is 34 MB and stays in the repository)")
     try:
         return runtime.Engine.load(model_dir, threads=spec.threads, **spec.options)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one clear error
