@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+	# the native decoder (engine/native.py) is built once per machine; here, not at first start-up
+	-$(PY) -m engine.native
 
 run: venv
 	bash scripts/run_daemon.sh $(ARGS)

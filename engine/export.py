@@ -10,10 +10,10 @@ A model folder holds
   fast_latent.pt, fast_decoder.pt, fast_latent_bf16.pt
                  TorchScript FastLatent / FastDecoder (engine/fast.py) for the `fast` backend,
                  the prior's Bi-LSTM in bfloat16 in the last one (`fast-bf16`, reduced precision)
-  native_decoder.pt
-                 the decoder's float32 weights arranged for engine/native.py's C++ decode
-                 (plain tensors): the `fast` backends decode with it where the library builds,
-                 with fast_decoder.pt otherwise
+  native_decoder.pt, native_prior.pt
+                 float32 weights arranged for engine/native.py's C++ decode and Bi-LSTM
+                 recurrence (plain tensors): `fast` uses them where the library builds (the
+                 prior with fast_latent.pt's trunk), the TorchScript parts otherwise
   eager.pt       the plain state dict {model, model_args} for the `eager` backend
   manifest.json  format version, vocabulary, model_args, source checkpoint sha256, torch
                  version, every file with its sha256
@@ -40,7 +40,7 @@ from engine import tokens as tk
 from engine.decoding import CachedDecoder, LatentPart
 from engine.fast import FastDecoder, FastLatent
 from engine.model import CLSM, CLSMConfig, count_parameters
-from engine.native import pack_decoder
+from engine.native import pack_decoder, pack_lstm
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ FAST_LATENT_FILE = "fast_latent.pt"
 FAST_LATENT_BF16_FILE = "fast_latent_bf16.pt"
 FAST_DECODER_FILE = "fast_decoder.pt"
 NATIVE_DECODER_FILE = "native_decoder.pt"
+NATIVE_PRIOR_FILE = "native_prior.pt"
 
 
 def vocabulary() -> dict:
@@ -110,7 +111,7 @@ def script_fast_parts(latent: FastLatent, decoder: FastDecoder,
     """The fast parts, frozen. Not optimize_for_inference by default: it rewrites every
     linear as a matmul and an add, two calls per linear in a decode step where one does."""
     with _quiet_jit():
-        methods = ["flow_forward", "flow_inverse"]
+        methods = ["flow_forward", "flow_inverse", "trunk_rows", "heads"]
         s_latent = torch.jit.freeze(torch.jit.script(latent), preserved_attrs=methods)
         s_decoder = torch.jit.freeze(torch.jit.script(decoder))
         if optimize:
@@ -144,8 +145,9 @@ def export(model: CLSM, out: Path, *, source: dict, fp16: bool = False) -> dict:
         torch.jit.save(fast_decoder, str(out / FAST_DECODER_FILE))
     torch.save({"model": state, "model_args": model.model_args()}, out / EAGER_FILE)
     torch.save(pack_decoder(model.decoder), out / NATIVE_DECODER_FILE)  # float32 also with --fp16
+    torch.save(pack_lstm(model.prior.trunk.lstm), out / NATIVE_PRIOR_FILE)
     names = (LATENT_FILE, DECODER_FILE, FAST_LATENT_FILE, FAST_LATENT_BF16_FILE, FAST_DECODER_FILE,
-             NATIVE_DECODER_FILE, EAGER_FILE)
+             NATIVE_DECODER_FILE, NATIVE_PRIOR_FILE, EAGER_FILE)
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
              for name in names}
     manifest = {
@@ -160,7 +162,8 @@ def export(model: CLSM, out: Path, *, source: dict, fp16: bool = False) -> dict:
         "torch_version": torch.__version__,
         "parts": {"latent": LATENT_FILE, "decoder": DECODER_FILE, "eager": EAGER_FILE,
                   "fast_latent": FAST_LATENT_FILE, "fast_latent_bf16": FAST_LATENT_BF16_FILE,
-                  "fast_decoder": FAST_DECODER_FILE, "native_decoder": NATIVE_DECODER_FILE},
+                  "fast_decoder": FAST_DECODER_FILE, "native_decoder": NATIVE_DECODER_FILE,
+                  "native_prior": NATIVE_PRIOR_FILE},
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -122,19 +122,30 @@ class FastLatent(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 128) -> mean, logvar of p(w | xC, tau), each (B, dz). Target tokens ignored."""
+        h = self.trunk_rows(x, start, length)  # (B, T, D)
+        if self.lstm_bf16:
+            _, (h_n, _) = self.lstm(h.to(torch.bfloat16))
+            h_n = h_n.float()
+        else:
+            _, (h_n, _) = self.lstm(h)
+        return self.heads(torch.cat([h_n[-2], h_n[-1]], dim=-1))  # forward's last, backward's first
+
+    # The two halves around the Bi-LSTM, exported so that engine/native.py can run the
+    # recurrence in C++ between them.
+    @torch.jit.export
+    def trunk_rows(self, x: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """The Bi-LSTM's input: the encoder's normed output at the target rows (B, T, D)."""
         x = x.clone()
         x[:, start:start + length] = tk.POS
         h = self.embed(x) + self.pos.weight[:x.size(1)]  # (B, L, D)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):  # the last one: the rows the Bi-LSTM reads
             h = layer(h, start, length) if i == last else layer(h, 0, h.size(1))
-        h = self.ln(h)  # (B, T, D)
-        if self.lstm_bf16:
-            _, (h_n, _) = self.lstm(h.to(torch.bfloat16))
-            h_n = h_n.float()
-        else:
-            _, (h_n, _) = self.lstm(h)
-        h_lr = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # forward's last, backward's first
+        return self.ln(h)
+
+    @torch.jit.export
+    def heads(self, h_lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[h_l; h_r] (B, 2 d_lstm) -> mean, logvar."""
         return self.mean(h_lr), self.logvar(h_lr)
 
     @torch.jit.export

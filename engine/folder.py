@@ -117,7 +117,8 @@ def load_parts(folder: Path, manifest: dict, backend: str, device: str):
                 else export.build_parts(model))
         else:
             latent = export.load_scripted(files[keys[0]], device)
-            decoder = native_decoder(folder, manifest, backend, device)
+            latent = native_part(folder, manifest, backend, device, "native_prior", latent) or latent
+            decoder = native_part(folder, manifest, backend, device, "native_decoder")
             if decoder is None:
                 decoder = export.load_scripted(files[keys[1]], device)
     # torch reports unreadable files through many exception types (the unpickler's own,
@@ -134,12 +135,14 @@ def load_parts(folder: Path, manifest: dict, backend: str, device: str):
     return latent.to(device), decoder.to(device)
 
 
-def native_decoder(folder: Path, manifest: dict, backend: str,
-                   device: str) -> native.NativeDecoder | None:
-    """The C++ decode loop for a fast backend, or None (another backend, another device, a
-    folder exported without its weights, no compiler): the caller then uses TorchScript."""
-    name = manifest["parts"].get("native_decoder")
-    if backend not in NATIVE_BACKENDS or device != "cpu" or not isinstance(name, str):
+def native_part(folder: Path, manifest: dict, backend: str, device: str, key: str,
+                latent: torch.jit.ScriptModule | None = None):
+    """The C++ decode loop (key native_decoder) or Bi-LSTM around `latent` (native_prior) for a
+    fast backend, or None (another backend or device, a folder exported without the part, no
+    compiler): the caller then keeps TorchScript. fast-bf16 keeps its bfloat16 LSTM."""
+    name = manifest["parts"].get(key)
+    if (backend not in NATIVE_BACKENDS or device != "cpu" or not isinstance(name, str)
+            or (key == "native_prior" and backend != "fast")):
         return None
     lib = native.library()
     if lib is None:
@@ -147,4 +150,10 @@ def native_decoder(folder: Path, manifest: dict, backend: str,
     packed = torch.load(listed_part(folder, manifest, name), map_location="cpu", weights_only=True)
     if not isinstance(packed, dict):
         raise ValueError(f"{name} is not a dict of tensors")
+    if key == "native_prior":  # the scripted trunk must export its halves (fast.FastLatent)
+        if int(packed.get("config", {}).get("hidden", 0)) % 16:
+            return None  # the C++ cell works on whole vectors of 16 units
+        if not hasattr(latent, "trunk_rows"):
+            raise ValueError("fast_latent.pt predates native_prior.pt (no trunk_rows)")
+        return native.NativeLatent(lib, latent, packed)
     return native.NativeDecoder(lib, packed)

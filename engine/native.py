@@ -1,4 +1,4 @@
-"""The native decode loop and LSTM recurrence (engine/csrc/clsm_native.cpp) from Python.
+"""The native decode loop and LSTM recurrence (engine/csrc/*.cpp) from Python.
 
 Why: a decode step of the shipped model is ~80 PyTorch operator calls whose fixed cost (~110 us
 a step) dwarfs the arithmetic; the C++ file does the whole decode of a target in one call
@@ -8,8 +8,9 @@ it in about a second, once per machine and source version, into a cache director
 compiler, or with CLSM_NATIVE=0, `library()` returns None and the engine keeps the TorchScript
 parts, which always work.
 
-The weights come from a model folder's `native_decoder.pt` (engine/export.py writes it with
-`pack_decoder`): plain float32 tensors in the order the C++ code reads them.
+The weights come from a model folder's `native_decoder.pt` and `native_prior.pt`
+(engine/export.py writes them with `pack_decoder` / `pack_lstm`): plain float32 tensors in the
+order the C++ code reads them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from engine.model import Decoder
 
 log = logging.getLogger("engine.runtime")
 
-SOURCE = Path(__file__).with_name("csrc") / "clsm_native.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("decoder.cpp", "lstm.cpp")
+HEADERS = ("kernels.h",)
 # -march=native: the library is built on the machine that runs it (the cache key holds the
 # CPU's flags). No -ffast-math: sums keep their order, so tokens match PyTorch's.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-std=c++17",
@@ -72,8 +75,8 @@ def _build(compiler: str, out: Path) -> None:
     # Build beside the target and rename: a concurrent process never loads a half-written file.
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
-        subprocess.run([compiler, *FLAGS, "-o", str(lib), str(SOURCE)], check=True,
-                       capture_output=True, text=True, timeout=300)
+        subprocess.run([compiler, *FLAGS, "-o", str(lib), *(str(CSRC / f) for f in SOURCES)],
+                       check=True, capture_output=True, text=True, timeout=300)
         os.replace(lib, out)
 
 
@@ -88,8 +91,8 @@ def library() -> ctypes.CDLL | None:
             return None
         compiler = shutil.which("c++") or shutil.which("g++")
         try:
-            source = SOURCE.read_bytes()
-            key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), str(compiler).encode(),
+            sources = [(CSRC / f).read_bytes() for f in (*SOURCES, *HEADERS)]
+            key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), str(compiler).encode(),
                                              _cpu_flags().encode(), platform.machine().encode()]))
             path = _cache_dir() / f"clsm_native-{key.hexdigest()[:16]}.so"
             if not path.is_file():
@@ -149,6 +152,8 @@ def pack_decoder(decoder: Decoder) -> dict:
 
 class NativeDecoder:
     """Callable like engine/fast.py's FastDecoder (same arguments and results)."""
+
+    compiled_ahead = True  # no TorchScript profiling runs to warm up (Engine.warm_up)
 
     def __init__(self, lib: ctypes.CDLL, packed: dict):
         if packed.get("format") != FORMAT:
@@ -218,6 +223,78 @@ class NativeDecoder:
             raise ValueError(f"native decode refused its arguments (code {rc}): start {start}, "
                              f"length {length}, batch {B}")
         return tokens, logits
+
+
+def pack_lstm(lstm: torch.nn.LSTM) -> dict:
+    """A bidirectional batch-first LSTM's weights for clsm_lstm_layer: per layer both
+    directions' input weights side by side, transposed (d_in, 8H), their biases summed (8H),
+    and each direction's recurrent weights transposed (H, 4H)."""
+    if not (lstm.bidirectional and lstm.batch_first and lstm.bias) or lstm.proj_size:
+        raise ValueError("pack_lstm expects a bidirectional, batch-first LSTM with biases")
+    tensors = {}
+    for i in range(lstm.num_layers):
+        w = {d: getattr(lstm, f"weight_ih_l{i}{d}") for d in ("", "_reverse")}
+        b = {d: getattr(lstm, f"bias_ih_l{i}{d}") + getattr(lstm, f"bias_hh_l{i}{d}")
+             for d in ("", "_reverse")}
+        tensors[f"{i}.wih_t"] = torch.cat([w[""], w["_reverse"]]).t()
+        tensors[f"{i}.b"] = torch.cat([b[""], b["_reverse"]])
+        tensors[f"{i}.whh_f"] = getattr(lstm, f"weight_hh_l{i}").t()
+        tensors[f"{i}.whh_b"] = getattr(lstm, f"weight_hh_l{i}_reverse").t()
+    tensors = {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
+    return {"format": FORMAT, "config": {"hidden": lstm.hidden_size, "layers": lstm.num_layers,
+                                         "d_in": lstm.input_size}, "tensors": tensors}
+
+
+class NativeLatent:
+    """A scripted FastLatent whose Bi-LSTM recurrence runs in C++: callable like it (prior),
+    with its flow_forward / flow_inverse."""
+
+    def __init__(self, lib: ctypes.CDLL, latent: torch.jit.ScriptModule, packed: dict):
+        if packed.get("format") != FORMAT:
+            raise ValueError(f"native prior format {packed.get('format')!r}, expected {FORMAT}")
+        cfg = packed["config"]
+        self.lib, self.latent = lib, latent
+        self.hidden, self.n_layers = int(cfg["hidden"]), int(cfg["layers"])
+        H = self.hidden
+        if H % 16 != 0:
+            raise ValueError(f"the native LSTM needs a hidden size divisible by 16, not {H}")
+        self.layers = []
+        for i in range(self.n_layers):
+            t = {k: packed["tensors"][f"{i}.{k}"].float().contiguous()
+                 for k in ("wih_t", "b", "whh_f", "whh_b")}
+            d_in = int(cfg["d_in"]) if i == 0 else 2 * H
+            want = {"wih_t": (d_in, 8 * H), "b": (8 * H,), "whh_f": (H, 4 * H), "whh_b": (H, 4 * H)}
+            for k, shape in want.items():
+                if tuple(t[k].shape) != shape:
+                    raise ValueError(f"native prior weight {i}.{k} has shape {tuple(t[k].shape)}")
+            self.layers.append(t)
+        self.flow_forward, self.flow_inverse = latent.flow_forward, latent.flow_inverse
+
+    def eval(self) -> NativeLatent:
+        return self
+
+    def to(self, device: str | torch.device) -> NativeLatent:
+        if torch.device(device).type != "cpu":
+            raise ValueError("the native prior runs on the CPU only")
+        return self
+
+    def __call__(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.latent.trunk_rows(x, start, length)  # (B, T, D)
+        T, H = h.size(1), self.hidden
+        finals = torch.empty((h.size(0), 2 * H))
+        for b in range(h.size(0)):
+            inp = h[b]
+            for i, t in enumerate(self.layers):
+                gx = torch.addmm(t["b"], inp, t["wih_t"])  # every step's input projection at once
+                out = torch.empty((T, 2 * H)) if i < self.n_layers - 1 else None
+                rc = self.lib.clsm_lstm_layer(gx.data_ptr(), t["whh_f"].data_ptr(),
+                                              t["whh_b"].data_ptr(), T, H,
+                                              out.data_ptr() if out is not None else None,
+                                              finals[b].data_ptr())
+                if rc != 0:
+                    raise ValueError(f"native LSTM refused its arguments (code {rc})")
+                inp = out
+        return self.latent.heads(finals)
 
 
 def main() -> None:

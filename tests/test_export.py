@@ -49,7 +49,8 @@ def test_manifest_names_every_file_with_its_hash(folder):
     assert manifest["torch_version"] == torch.__version__
     assert set(manifest["files"]) == {export.LATENT_FILE, export.DECODER_FILE, export.EAGER_FILE,
                                       export.FAST_LATENT_FILE, export.FAST_LATENT_BF16_FILE,
-                                      export.FAST_DECODER_FILE, export.NATIVE_DECODER_FILE}
+                                      export.FAST_DECODER_FILE, export.NATIVE_DECODER_FILE,
+                                      export.NATIVE_PRIOR_FILE}
     for name, meta in manifest["files"].items():
         assert meta["sha256"] == export.sha256_file(folder / name)
 

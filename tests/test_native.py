@@ -81,6 +81,19 @@ def test_sampling_equals_reference_with_the_same_noise(parts, top_p):
         assert not torch.equal(ref, ref_decoder(x, z, 48, 32)[0])  # it did sample
 
 
+def test_native_prior_equals_reference(parts):
+    """The Bi-LSTM recurrence in C++ between the scripted trunk's halves."""
+    model, _, _ = parts
+    ref_latent, _ = export.build_parts(model)
+    scripted, _ = export.script_fast_parts(*export.build_fast_parts(model))
+    latent = native.NativeLatent(lib, scripted, native.pack_lstm(model.prior.trunk.lstm))
+    x = random_tokens(3, seed=2)
+    with torch.inference_mode():
+        for start, length in CASES:
+            for got, want in zip(latent(x, start, length), ref_latent(x, start, length), strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_refuses_bad_arguments(parts):
     model, _, decoder = parts
     z = torch.zeros(1, model.cfg.d_z)
@@ -98,6 +111,7 @@ def test_engine_fast_decodes_natively_with_the_same_tokens(folder):
     fast = Engine.load(folder, backend="fast", threads=1, max_batch=4)
     script = Engine.load(folder, backend="fast-script", threads=1, max_batch=4, warm=False)
     assert isinstance(fast.decoder, native.NativeDecoder)
+    assert isinstance(fast.latent, native.NativeLatent)
     assert not isinstance(script.decoder, native.NativeDecoder)
     for first, last in [(3, 6), (1, 1), (5, 8), (1, 4)]:
         tokens = buffer(first)
@@ -122,12 +136,14 @@ def test_folder_without_native_weights_uses_torchscript(tmp_path, folder):
     old = tmp_path / "old"
     old.mkdir()
     manifest = json.loads((folder / export.MANIFEST).read_text())
-    manifest["files"].pop(manifest["parts"].pop("native_decoder"))
+    for key in ("native_decoder", "native_prior"):
+        manifest["files"].pop(manifest["parts"].pop(key))
     for name in manifest["files"]:
         (old / name).write_bytes((folder / name).read_bytes())
     (old / export.MANIFEST).write_text(json.dumps(manifest))
     engine = Engine.load(old, backend="fast", warm=False)
     assert not isinstance(engine.decoder, native.NativeDecoder)
+    assert not isinstance(engine.latent, native.NativeLatent)
     reference = Engine.load(folder, backend="fast", warm=False)
     assert engine.infill(GOOD, 4, 5, seed=2).tokens == reference.infill(GOOD, 4, 5, seed=2).tokens
 
