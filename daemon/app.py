@@ -289,7 +289,7 @@ class Daemon:
             else:
                 self.clock.stop()
         elif action == "seed":
-            self.seed = int(args["value"])
+            self.seed = None if args["value"] is None else int(args["value"])  # null = random
         elif action == "temperature":
             self.temperature = float(args["value"])
         elif action == "panic":

@@ -147,6 +147,15 @@ async def test_commands_round_trip_and_state_follows(site: Site) -> None:
         assert site.daemon.snapshot()["alpha"] == 0.5
 
 
+async def test_a_null_seed_means_a_fresh_roll_each_time(site: Site) -> None:
+    async with site.page() as page:
+        assert (await page.ask({"action": "seed", "value": 42}))["type"] == "result"
+        assert (await page.state(lambda s: s["seed"] == 42))["seed"] == 42
+        r = await page.ask({"action": "seed", "value": None})  # documented in docs/controls.md
+        assert r["type"] == "result", r
+        assert (await page.state(lambda s: s["seed"] is None))["seed"] is None
+
+
 async def test_select_makes_a_candidate_current(site: Site) -> None:
     async with site.page() as page:
         first = await page.ask({"action": "regenerate", "first_bar": 1, "bars": 1, "seed": 1})

@@ -225,6 +225,12 @@ def test_clicking_a_candidate_makes_it_current(web: Session) -> None:
 
 def test_errors_show_on_the_page(web: Session) -> None:
     page = web.page
+    page.fill("#seed", "42")
+    page.dispatch_event("#seed", "change")
+    web.wait_state("s.seed === 42")
+    page.fill("#seed", "")
+    page.dispatch_event("#seed", "change")
+    web.wait_state("s.seed === null")
     page.fill("#bpm", "1000")
     page.dispatch_event("#bpm", "change")
     page.wait_for_function("() => window.clsm.log.some(e => e.kind === 'error')",

@@ -222,6 +222,7 @@ function renderControls(s) {
   $("delta_out").textContent = fmt(s.delta);
   setIfIdle("bpm", Math.round(s.bpm));
   setIfIdle("record", !!s.record);
+  setIfIdle("seed", s.seed == null ? "" : s.seed);
   if (s.temperature != null) {
     setIfIdle("temperature", s.temperature);
     $("temperature_out").textContent = s.temperature === 0 ? "0 (argmax)" : fmt(s.temperature);
@@ -306,6 +307,11 @@ function wire() {
   slider("alpha", (v) => ({ action: "interpolate", alpha: v }));
   slider("delta", (v) => ({ action: "vary", delta: v }));
   slider("temperature", (v) => ({ action: "temperature", value: v }));
+  $("seed").addEventListener("change", () => { // empty = a fresh roll every time
+    mark("seed");
+    const v = $("seed").value.trim();
+    send({ action: "seed", value: v === "" ? null : Number(v) }, false);
+  });
   $("bpm").addEventListener("change", () => { mark("bpm"); send({ action: "tempo", bpm: +$("bpm").value }, true); });
 }
 
