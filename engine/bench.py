@@ -7,9 +7,11 @@
 Without --model a default-size model with random weights is exported to a temporary folder; a
 model folder exported before the fast parts existed is re-exported from its eager weights to a
 temporary folder (noted in the result). Measures, on `threads` torch threads, for every
-backend side by side (torchscript = the classic parts, fast and fast-bf16 = engine/fast.py,
-eager): 1-4 bar infill (cold = prior + decode for a new context, warm = same context again,
-whose prior is remembered), an 8-point interpolation and a variation of a 4-bar target, the
+backend side by side (torchscript = the classic parts, fast = engine/fast.py's trunk with the
+native C++ decode and Bi-LSTM of engine/native.py, fast-bf16 = the same decode with a bfloat16
+TorchScript Bi-LSTM, fast-script = engine/fast.py all in TorchScript, eager): 1-4 bar infill
+(cold = prior + decode for a new context, warm = same context again, whose prior is
+remembered), an 8-point interpolation and a variation of a 4-bar target, the
 decoder alone (context pass and per-token cost), the naive full-recompute decode of the same z
 (and whether tokens are identical), start-up (load + warm-up) in a fresh process and peak
 resident memory; then the same for a random model of the CPU config. The machine may be
@@ -153,7 +155,7 @@ def bench_naive(model: CLSM, engine: Engine, tokens: list[int], repeats: int,
     return out
 
 
-BACKENDS = ("torchscript", "fast", "fast-bf16", "eager")
+BACKENDS = ("torchscript", "fast", "fast-bf16", "fast-script", "eager")
 
 
 def prepare_folder(model: Path | None, config: Path, tmp: Path, label: str) -> tuple[Path, str]:
@@ -199,7 +201,7 @@ def bench_folder(model_dir: Path, note: str, args: argparse.Namespace) -> dict:
                                                                   end - start),
                                     "prior_4bar": latent_profile(engines[name].latent, x, start,
                                                                  end - start)}
-                             for name in ("torchscript", "fast", "fast-bf16")}
+                             for name in ("torchscript", "fast-script", "fast")}
     ts, naive, eager, fast = result["torchscript"], result["naive"], result["eager"], result["fast"]
     pairs = {"1bar_vs_naive": (naive["naive_decode_1bar"], ts["infill_1bar_warm"]),
              "4bar_vs_naive": (naive["naive_decode_4bar"], ts["decode_4bar_given_z"]),
@@ -213,7 +215,11 @@ def bench_folder(model_dir: Path, note: str, args: argparse.Namespace) -> dict:
              "fast_vs_torchscript_interp": (ts["interpolate_8pt_4bar"],
                                             fast["interpolate_8pt_4bar"]),
              "fast-bf16_vs_torchscript_4bar_cold": (ts["infill_4bar_cold"],
-                                                    result["fast-bf16"]["infill_4bar_cold"])}
+                                                    result["fast-bf16"]["infill_4bar_cold"]),
+             "fast_vs_fast-script_4bar_cold": (result["fast-script"]["infill_4bar_cold"],
+                                               fast["infill_4bar_cold"]),
+             "fast_vs_fast-script_interp": (result["fast-script"]["interpolate_8pt_4bar"],
+                                            fast["interpolate_8pt_4bar"])}
     # CPU-time ratios too: on a shared machine the wall-time ratio mostly measures the load.
     result["speedup"] = {k: {"wall": round(slow["p50_ms"] / fast_["p50_ms"], 1),
                              "cpu": round(slow["cpu_p50_ms"] / fast_["cpu_p50_ms"], 1)}

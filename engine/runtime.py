@@ -206,6 +206,8 @@ class Engine:
                 "params": m.get("params", {}).get("inference"), "d_z": self.d_z,
                 "dtype": m.get("dtype"), "source": m.get("source"),
                 "format_version": m.get("format_version"), "torch": torch.__version__,
+                # the C++ decode (engine/native.py) or its TorchScript fallback: 5x apart
+                "native": bool(getattr(self.decoder, "compiled_ahead", False)),
                 "load_ms": round(self.load_ms, 1), "warmup_ms": round(self.warmup_ms, 1)}
 
     def warm_up(self) -> None:

@@ -112,6 +112,7 @@ def test_engine_fast_decodes_natively_with_the_same_tokens(folder):
     script = Engine.load(folder, backend="fast-script", threads=1, max_batch=4, warm=False)
     assert isinstance(fast.decoder, native.NativeDecoder)
     assert isinstance(fast.latent, native.NativeLatent)
+    assert fast.info()["native"] and not script.info()["native"]
     assert not isinstance(script.decoder, native.NativeDecoder)
     for first, last in [(3, 6), (1, 1), (5, 8), (1, 4)]:
         tokens = buffer(first)
