@@ -154,10 +154,18 @@ def test_played_notes_appear_in_the_roll(web: Session) -> None:
     web.wait_state("s.transport === 'stopped'")
     ticks = Ticks(d.rec)
     web.page.click("#start")
+    # Timed by the wall clock from the first tick (a loaded JACK can drop a cycle of ticks, which
+    # would make counted ticks late): onsets 10 ms after their step, releases 30 ms before the next.
+    t0 = ticks.wait(0)
+    step_s = 60.0 / BPM / 4
+
+    def at(step: float) -> None:
+        time.sleep(max(0.0, t0 + step * step_s - time.monotonic()))
+
     for step, pitch, length in MELODY:
-        ticks.wait(step)
+        at(step + 0.08)
         d.rec.send(mido.Message("note_on", channel=0, note=pitch, velocity=90))
-        ticks.wait(step + length - 0.5)
+        at(step + length - 0.24)
         d.rec.send(mido.Message("note_off", channel=0, note=pitch))
     end = time.monotonic() + 10  # the last note is final once its release step has passed
     while web.notes("player") != sorted(MELODY) and time.monotonic() < end:
