@@ -1,10 +1,12 @@
 """Token agreement of a reduced-precision backend with the float32 one (issue 12).
 
     python -m engine.agreement --model models/clsm-default --data cache/windows.npz \\
-        [--split test] [--n 256] [--backend fast-bf16] [--reference fast] [--json]
+        [--split test] [--n 256] [--backend fast-bf16] [--reference fast]
+        [--temperature 1.0 --top-p 0.9] [--json]
 
 For each of n windows of the split (read only), a target of 1-4 bars at a random place (seeded),
-z drawn from the prior with the same seed by both backends, argmax-decoded: the share of
+z drawn from the prior with the same seed by both backends, argmax-decoded (or sampled with
+--temperature > 0, the same noise in both): the share of
 target tokens (and of whole targets) that come out identical, and how far z moved.
 """
 
@@ -29,8 +31,11 @@ def load_split(path: Path, split: str) -> np.ndarray:
 
 
 def agreement(model: Path, windows: np.ndarray, n: int, backend: str, reference: str,
-              seed: int = 0) -> dict:
-    test, ref = (Engine.load(model, backend=b, threads=1) for b in (backend, reference))
+              seed: int = 0, temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """temperature 0 = argmax; > 0 = sampling (the daemon's default decoding), with the same
+    Gumbel noise in both backends (the engine derives it from the context)."""
+    test, ref = (Engine.load(model, backend=b, threads=1, temperature=temperature, top_p=top_p)
+                 for b in (backend, reference))
     rng = np.random.default_rng(seed)
     same_tokens = total_tokens = same_targets = 0
     dz = []
@@ -63,12 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="fast-bf16")
     parser.add_argument("--reference", default="fast")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = argmax")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus when sampling")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     result = agreement(args.model, load_split(args.data, args.split), args.n, args.backend,
-                       args.reference, args.seed)
-    result |= {"model": str(args.model), "data": str(args.data), "split": args.split}
+                       args.reference, args.seed, args.temperature, args.top_p)
+    result |= {"model": str(args.model), "data": str(args.data), "split": args.split,
+               "temperature": args.temperature, "top_p": args.top_p}
     print(json.dumps(result, indent=2 if args.json else None))
 
 
