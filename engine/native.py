@@ -3,7 +3,7 @@
 Why: a decode step of the shipped model is ~80 PyTorch operator calls whose fixed cost (~110 us
 a step) dwarfs the arithmetic; the C++ file does the whole decode of a target in one call
 (issue 12, docs/engine-speed.md). It needs no PyTorch headers: the system C++ compiler builds
-it in about a second, once per machine and source version, into a cache directory
+it in a few seconds (3-8 s measured here), once per machine and source version, into a cache directory
 ($CLSM_NATIVE_CACHE, else ~/.cache/clsm-coperformer); later processes only load it. Without a
 compiler, or with CLSM_NATIVE=0, `library()` returns None and the engine keeps the TorchScript
 parts, which always work.

@@ -2,8 +2,8 @@
 //
 // Why: on one CPU thread a decode step of the shipped model is ~0.3 MFLOP, a few microseconds
 // of arithmetic, but ~80 operator calls through PyTorch cost ~110 us. Here a step is a handful
-// of loops over weights that stay in L1/L2. No PyTorch headers: the file compiles in about a
-// second with the system compiler and is called through ctypes (engine/native.py), which also
+// of loops over weights that stay in L1/L2. No PyTorch headers: the files compile in a few
+// seconds with the system compiler and are called through ctypes (engine/native.py), which also
 // releases the GIL for the call (the daemon's timing path keeps running).
 //
 // Arithmetic is float32 throughout, in the same order of operations as the model (pre-LN
