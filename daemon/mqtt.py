@@ -174,10 +174,15 @@ class MqttBridge:
         while True:
             lost: list[BaseException] = []
             self._session_start: float | None = None
+            cancelled = False
             try:
                 async with self._client() as client:
                     attempt = 0
-                    await self._session(client)
+                    try:
+                        await self._session(client)
+                    except asyncio.CancelledError:
+                        cancelled = True
+                        raise
             except* aiomqtt.MqttError as group:
                 lost = list(group.exceptions)
                 self.stats.connect_failures += 1
@@ -188,6 +193,12 @@ class MqttBridge:
                 log.exception("MQTT session failed")
             finally:
                 self.connected.clear()
+            if cancelled:
+                # we were cancelled, but leaving aiomqtt's `async with` raised an MqttError (the
+                # broker dropped us meanwhile) that replaced the CancelledError: a reconnect here
+                # would keep the daemon's shutdown waiting for ever. (Not task.cancelling(): on
+                # Python 3.11 a TaskGroup whose child fails during its exit leaves it raised.)
+                raise asyncio.CancelledError
             lasted = None if self._session_start is None else time.monotonic() - self._session_start
             if lost and watch.session_ended(lasted, disconnect_reason(lost), self.stats):
                 attempt = max(attempt, 30)  # the slowest backoff: let the other one have it

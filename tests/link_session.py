@@ -284,11 +284,13 @@ def test_the_daemons_tempo_follows_a_peer_within_a_second(session) -> None:
     took = wait_for(lambda: (osc.state() or {}).get("bpm") == 100.0, 1.0)
     assert took is not None, f"daemon state: {osc.state()}"
     print(f"\ndaemon's /clsm/state shows the peer's 100 bpm after {took * 1000:.1f} ms")
-    time.sleep(2 * 2.4 + 0.3)  # 2 bars at 100 bpm
+    # 3 bars at 100 bpm: the one late bar line that assert_on_the_bar_lines forgives must not
+    # decide the median (2 bars measured, one 4.3 ms late, failed a run)
+    time.sleep(3 * 2.4 + 0.3)
     bars, steps = bar_errors_ms(peer.messages(), n0)
     print(summary("bar lines across the change to 100 bpm", bars))
     print(summary("steps across the change to 100 bpm", steps))
-    assert len(bars) >= 2
+    assert len(bars) >= 3
     assert_on_the_bar_lines(bars)
 
 
@@ -303,10 +305,10 @@ def test_a_tempo_change_from_us_reaches_the_peer(session) -> None:
     assert took <= 1.0
     assert wait_for(lambda: (osc.state() or {}).get("bpm") == 120.0, 1.0) is not None
     n0 = len(peer.messages())
-    time.sleep(2 * 2.0 + 0.2)
+    time.sleep(3 * 2.0 + 0.2)  # 3 bars at 120 bpm (see the test above)
     bars, _ = bar_errors_ms(peer.messages(), n0)
     print(summary("bar lines after our change to 120 bpm", bars))
-    assert bars
+    assert len(bars) >= 3
     assert_on_the_bar_lines(bars)
     assert time.monotonic() - t0 < 10
 

@@ -111,3 +111,31 @@ def test_resume_names_a_missing_snapshot(tmp_path):
     with pytest.raises(SystemExit, match="no such checkpoint"):
         train.main(["--config", str(tiny_config(tmp_path / "t.toml")), "--data", str(data),
                     "--out", str(tmp_path / "r"), "--resume", str(tmp_path / "missing.pt")])
+
+
+def test_lr_is_the_papers_constant_unless_a_cooldown_is_set():
+    constant = {"lr": 5e-4}
+    assert {train.lr_at(s, constant) for s in (0, 10_000, 10**6)} == {5e-4}
+    cool = {"lr": 5e-4, "lr_final": 1e-4, "lr_cooldown_start": 100, "lr_cooldown_steps": 40}
+    assert train.lr_at(0, cool) == train.lr_at(100, cool) == 5e-4
+    assert train.lr_at(120, cool) == pytest.approx(3e-4)
+    assert train.lr_at(140, cool) == train.lr_at(10**6, cool) == pytest.approx(1e-4)
+
+
+def test_a_cooldown_branch_resumes_a_constant_run_and_lowers_its_lr(tmp_path):
+    data = write_cache(tmp_path / "w.npz")
+    config = tiny_config(tmp_path / "tiny.toml")
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--quiet", "--threads", "1"]
+    train.main(["--config", str(config), *argv, "--max-steps", "3"])
+    cooldown = tmp_path / "cooldown.toml"
+    cooldown.write_text(config.read_text() + "lr_cooldown_start = 3\nlr_cooldown_steps = 2\n"
+                        "lr_final = 1e-5\n")
+    train.main(["--config", str(cooldown), *argv, "--max-steps", "6", "--resume"])
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in lines]
+    assert lrs[:4] == [5e-4] * 4  # steps 1-3 constant; the branch's first step is at its start
+    assert lrs[4:] == pytest.approx([(5e-4 + 1e-5) / 2, 1e-5])
+    saved = train.load_checkpoint(out / "ckpt.pt")
+    assert saved["step"] == 6
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)

@@ -8,7 +8,8 @@ Data parallel on both cores (or several machines, see training/distributed.py):
 Per batch: |xT| uniform in {16, 32, 48, 64}, |xCL| uniform in {0, 16, ..., 128 - |xT|} per window,
 a random valid transposition per window, loss (1/|xT|) Lrec + beta * KL with beta annealed
 linearly from 0 (over [train] beta_anneal_steps; optionally with free bits: the KL term is
-max(KL, free_bits) so the optimiser stops squeezing z below that many nats), Adam.
+max(KL, free_bits) so the optimiser stops squeezing z below that many nats), Adam at the
+paper's constant lr (optionally a linear cooldown: [train] lr_cooldown_*, see lr_at).
 Checkpoints are one dict {model, optimizer, model_args, step, config, metrics, torch_rng} written
 atomically and loadable with torch.load(weights_only=True).
 """
@@ -120,6 +121,22 @@ def beta_at(step: int, tcfg: dict) -> float:
     return tcfg["beta_kl"] * min(1.0, step / max(1, tcfg["beta_anneal_steps"]))
 
 
+def lr_at(step: int, tcfg: dict) -> float:
+    """The paper's constant lr, or (lr_cooldown_steps > 0, not in the paper) a linear fall from
+    lr at lr_cooldown_start to lr_final lr_cooldown_steps later, lr_final after that. A cooldown
+    is a branch of a constant-lr run: the run itself goes on from its committed state."""
+    steps = tcfg.get("lr_cooldown_steps", 0)
+    if steps <= 0:
+        return tcfg["lr"]
+    done = min(1.0, max(0.0, (step - tcfg.get("lr_cooldown_start", 0)) / steps))
+    return tcfg["lr"] + done * (tcfg.get("lr_final", tcfg["lr"]) - tcfg["lr"])
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: np.ndarray,
                   valid_w: np.ndarray, rng: np.random.Generator, *, tcfg: dict, config: dict,
                   out: Path, step: int = 0, max_steps: int | None = None,
@@ -144,7 +161,8 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                                    or (max_steps is not None and step >= max_steps)):
                 x = make_batch(train_w, rng, tcfg["batch_size"])
                 start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
-                beta = beta_at(step, tcfg)
+                beta, lr = beta_at(step, tcfg), lr_at(step, tcfg)
+                set_lr(opt, lr)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     loss, parts = model(x, start, length, beta=beta,
                                         free_bits=tcfg.get("free_bits", 0.0))
@@ -160,7 +178,7 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                 bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
                                 acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
                 record = {"step": step, "t": round(time.monotonic() - t0, 3), "beta": beta,
-                          "windows_per_s": rate, "processes": world, **parts}
+                          "lr": lr, "windows_per_s": rate, "processes": world, **parts}
                 if step % tcfg["valid_every"] == 0:
                     record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
                                                tcfg["target_bars"], autocast)

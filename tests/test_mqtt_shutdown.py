@@ -1,0 +1,95 @@
+"""Shutdown of the MQTT bridge when the broker drops us while we leave (no broker needed).
+
+CI hung here once: two daemons with one client id kick each other off, and when the broker
+dropped ours while its `async with aiomqtt.Client` was being left because of a cancellation,
+aiomqtt raised the loss as an MqttError that replaced the CancelledError. The bridge took it for
+a lost session and reconnected for ever, so the daemon's shutdown never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiomqtt
+import pytest
+
+from daemon.mqtt import MqttBridge, MqttSettings
+from tests.mqtt_broker import StubDaemon
+
+
+class DroppedOnExit:
+    """A client whose session runs until cancelled and whose exit raises a lost connection,
+    the way aiomqtt does when the broker closes the socket while we disconnect."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.drop_on_exit = True  # switched off at the end so that a broken bridge still ends
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[object]:
+        self.sessions += 1
+        try:
+            yield object()
+        finally:
+            if self.drop_on_exit:
+                raise aiomqtt.MqttError("Disconnected during message iteration")
+
+
+async def never_ending_session(_client: object) -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.fixture
+def bridge_with_flaky_exit(monkeypatch: pytest.MonkeyPatch) -> tuple[MqttBridge, DroppedOnExit]:
+    settings = MqttSettings(enabled=True, reconnect_min_s=0.05, reconnect_max_s=0.1).resolved()
+    bridge, client = MqttBridge(settings, StubDaemon()), DroppedOnExit()
+    monkeypatch.setattr(bridge, "_client", client)
+    monkeypatch.setattr(bridge, "_session", never_ending_session)
+    return bridge, client
+
+
+async def test_cancel_ends_the_bridge_even_if_leaving_the_client_raises(
+        bridge_with_flaky_exit: tuple[MqttBridge, DroppedOnExit]) -> None:
+    bridge, client = bridge_with_flaky_exit
+    task = asyncio.create_task(bridge.run())
+    await asyncio.sleep(0.05)
+    assert client.sessions == 1
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2)
+    sessions_after_cancel = client.sessions
+    client.drop_on_exit = False  # a bridge that reconnected anyway can now be stopped
+    if not done:  # a second cancel of run() would not reach its tasks: stop them by hand
+        for t in asyncio.all_tasks():
+            if t.get_name().startswith("mqtt-"):
+                t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert done, f"the bridge reconnected after its cancellation ({sessions_after_cancel} sessions)"
+    assert task.cancelled()
+    assert sessions_after_cancel == 1
+
+
+async def test_a_lost_connection_without_cancellation_still_reconnects(
+        bridge_with_flaky_exit: tuple[MqttBridge, DroppedOnExit],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fix must not turn every lost connection into an end: only a cancelled one."""
+    bridge, client = bridge_with_flaky_exit
+    client.drop_on_exit = False  # the session itself is lost here
+
+    async def dropped_session(_client: object) -> None:
+        await asyncio.sleep(0.01)
+        raise aiomqtt.MqttError("broker went away")
+
+    monkeypatch.setattr(bridge, "_session", dropped_session)
+    task = asyncio.create_task(bridge.run())
+    try:
+        async with asyncio.timeout(2):
+            while client.sessions < 3:  # backoff 0.05-0.1 s
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert bridge.stats.connect_failures >= 2
