@@ -46,3 +46,12 @@ def test_the_reason_is_read_through_groups_and_causes():
     outer.__cause__ = CodeError()
     assert disconnect_reason([ExceptionGroup("tg", [outer])]) == SESSION_TAKEN_OVER
     assert disconnect_reason([RuntimeError("no code")]) is None
+
+
+def test_every_state_counter_is_documented():
+    """`takeovers` reached `state.mqtt` without a word in docs/mqtt.md."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mqtt.md").read_text(encoding="utf-8")
+    row = next(line for line in doc.splitlines() if line.startswith("| `mqtt` |"))
+    assert [k for k in BridgeStats().for_state() if f"`{k}`" not in row] == []
