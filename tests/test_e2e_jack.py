@@ -8,6 +8,7 @@ so "on the grid" is checked by order, not by wall-clock times.
 from __future__ import annotations
 
 import ast
+import bisect
 import os
 import signal
 import subprocess
@@ -164,9 +165,11 @@ def test_external_clock_and_song_position(jack_server, tmp_path) -> None:  # noq
         # lands before the next tick even on a loaded machine.
         tick = 60.0 / 60 / 24
         t0 = time.monotonic()
+        sent_at: list[float] = []
         for i in range(6 * 16 + 12):  # bar 5 and a little of bar 6
             while time.monotonic() < t0 + i * tick:
                 time.sleep(0.001)
+            sent_at.append(time.monotonic())
             d.rec.send(mido.Message("clock"))
         # No Stop: the clock just goes away; the daemon must notice and end the notes.
         d.wait_log("no clock for 0.5 s")
@@ -174,15 +177,23 @@ def test_external_clock_and_song_position(jack_server, tmp_path) -> None:  # noq
     finally:
         rc = d.stop()
     assert rc == 0
-    ticks, ons = -1, []
-    for _, m in d.rec.messages():
+    ticks, ons, fetched = -1, [], []
+    for t, m in d.rec.messages():
         if m.type == "continue":
             ticks = -1
         elif m.type == "clock":
             ticks += 1
         elif m.type == "note_on" and m.velocity > 0 and m.channel == 0:
             ons.append((ticks, m))  # index of the last tick before it
+            fetched.append(t)
     assert ons, f"no notes; log:\n{''.join(d.log[-20:])}"
+    if ticks + 1 < len(sent_at):
+        # The recorder missed JACK cycles (xruns on a loaded machine lose a client's MIDI for
+        # that cycle), so its tick count runs behind: place each note by the tick last sent
+        # before the recorder fetched it instead.
+        print(f"recorder heard {ticks + 1} of {len(sent_at)} ticks: notes placed by send times")
+        ons = [(bisect.bisect_right(sent_at, t) - 1, m)
+               for t, (_, m) in zip(fetched, ons, strict=True)]
     for index, m in ons:
         assert index % 6 == 0, f"{m} arrived {index % 6} ticks after a step"
         assert 64 <= 64 + index // 6 < 80, f"{m} at step {64 + index // 6}, outside bar 5"

@@ -315,4 +315,6 @@ async def test_a_page_that_never_reads_is_dropped_and_blocks_no_one() -> None:
             assert stats.slow_closed == 1, stats
             assert stats.states_skipped > 0 and stats.clients == 1
         sock.close()
-        assert max(lags) < 0.05, lags  # the loop was never held up by the stuck page
+        # the loop was never held up by the stuck page: waiting on it would take its 0.5 s send
+        # timeout; below that is this shared machine's scheduling (one 230 ms lag seen under load)
+        assert max(lags) < 0.4, lags
