@@ -24,6 +24,8 @@ from typing import Literal
 
 import mido
 
+from daemon import rules
+
 log = logging.getLogger(__name__)
 
 TICKS_PER_STEP = 6  # 24 PPQN / 4 sixteenths per quarter
@@ -316,7 +318,8 @@ class ExternalClock:
         self._beat_start, self._beat_ticks = t, 0
         if beat <= 0:
             return
-        bpm = min(max(60.0 / beat, 20.0), 300.0)
+        lo, hi = rules.BPM_RANGE  # the tempo a command may set is the tempo we may report
+        bpm = min(max(60.0 / beat, lo), hi)
         w = self.smoothing if self._tempo_known else 1.0
         self._bpm = (1 - w) * self._bpm + w * bpm
         self._tempo_known = True

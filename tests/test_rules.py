@@ -117,3 +117,16 @@ def _raises(kind, fn, *args, **kwargs) -> bool:
     except kind:
         return True
     return False
+
+
+@pytest.mark.parametrize("beat_bpm", [400.0, 10.0])
+def test_the_external_clocks_tempo_stays_in_the_tempo_rule(monkeypatch, beat_bpm):
+    """The external clock clamped its measured tempo with its own 20..300 literals."""
+    from daemon.clock import ExternalClock
+    from tests.test_clock import Recorder, ticks
+
+    monkeypatch.setattr(rules, "BPM_RANGE", (30.0, 250.0))  # the rule moves: the clock follows
+    clock = ExternalClock(Recorder().fire, Recorder().post, smoothing=1.0, dropout_s=10.0)
+    ticks(clock, 24 * 2 + 1, 0.0, bpm=beat_bpm)
+    assert clock.bpm == (250.0 if beat_bpm > 250.0 else 30.0)
+    assert rules.BPM("bpm", clock.bpm) == clock.bpm  # a tempo command could set it back
