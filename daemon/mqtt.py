@@ -25,16 +25,14 @@ import collections
 import contextlib
 import logging
 import random
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from daemon.mqtt_client import make_client
 from daemon.mqtt_settings import MqttSettings, add_arguments
 from daemon.mqtt_wire import (
     EVENTS_IN_FLIGHT,
@@ -116,42 +114,7 @@ class MqttBridge:
             tg.create_task(self._connection_loop(), name="mqtt-connection")
 
     def _client(self) -> aiomqtt.Client:
-        s = self.settings
-        tls = aiomqtt.TLSParameters(ca_certs=s.ca_file or None) if s.tls else None
-        return aiomqtt.Client(
-            s.host, s.port, username=s.username or None, password=s.password or None,
-            identifier=s.client_id, keepalive=s.keepalive_s, timeout=s.timeout_s,
-            will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
-            tls_params=tls, tls_insecure=s.tls_insecure if s.tls else None,
-            max_queued_incoming_messages=s.incoming_queue,
-            queue_type=self._incoming_queue_type(),
-            # MQTT 5: the broker drops packets over our maximum before they reach Python, and
-            # tells us whether a command was published retained (retain-as-published)
-            protocol=aiomqtt.ProtocolVersion.V5, properties=self._connect_properties(),
-            # small packets must not wait for the broker's delayed ACK (Nagle): tens of ms
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        )
-
-    def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
-        props.MaximumPacketSize = self.settings.max_packet
-        return props
-
-    def _incoming_queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
-        """aiomqtt's incoming queue, but a full one answers "busy" instead of discarding.
-
-        paho reads every packet a socket read brought in one go, so a flood fills the queue
-        before our reader runs; aiomqtt would drop the rest (after acknowledging them)."""
-        bridge = self
-
-        class Incoming(asyncio.Queue[aiomqtt.Message]):
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                if self.full():
-                    bridge._overflow(item)
-                else:
-                    super().put_nowait(item)
-
-        return Incoming
+        return make_client(self.settings, self.status_topic, self._overflow)
 
     def _overflow(self, message: aiomqtt.Message) -> None:
         try:
