@@ -10,11 +10,12 @@ latest pending one, so a fast knob never queues up stale work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,10 @@ _engine: Any = None  # the engine of this worker (thread pool of 1, or the child
 def _init(spec: EngineSpec) -> None:
     global _engine
     if multiprocessing.parent_process() is not None:
-        # Ctrl-C reaches the whole process group; the parent decides when the child ends.
+        # Ctrl-C (and a closed terminal's SIGHUP) reach the whole process group; the parent
+        # decides when the child ends.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _engine = build_engine(spec)
 
 
@@ -134,6 +137,28 @@ def _call(method: str, args: tuple, kwargs: dict) -> Any:
 def _run_request(request: Any) -> list[Any]:
     from daemon.buffer import run_request  # the request's own rules (re-roll) run here too
     return run_request(_engine, request)
+
+
+@contextlib.contextmanager
+def _sighup_blocked() -> Iterator[None]:
+    """SIGHUP blocked in this thread meanwhile (issue 15, defect 6).
+
+    A closed terminal sends SIGHUP to the whole process group. The daemon ends every note and
+    then its engine process; but multiprocessing's resource tracker, which ignores only SIGINT
+    and SIGTERM, died of it, and the parent then printed a warning and a traceback per
+    semaphore. A process inherits its parent's signal mask across fork and exec, so the tracker
+    and the engine child started here never see SIGHUP; they end when the daemon ends them."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _start_resource_tracker() -> None:
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # now, under the mask, not at the pool's first lock
 
 
 class EngineWorker:
@@ -148,14 +173,18 @@ class EngineWorker:
 
     async def start(self) -> EngineWorker:
         loop = asyncio.get_running_loop()
-        if self.kind == "thread":
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        else:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded process
-            self._pool = ProcessPoolExecutor(1, mp_context=ctx)
         t0 = time.perf_counter()
         try:
-            await loop.run_in_executor(self._pool, _init, self.spec)
+            if self.kind == "thread":
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="engine")
+                started = loop.run_in_executor(self._pool, _init, self.spec)
+            else:
+                with _sighup_blocked():  # the processes started here inherit the blocked SIGHUP
+                    _start_resource_tracker()
+                    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded process
+                    self._pool = ProcessPoolExecutor(1, mp_context=ctx)
+                    started = loop.run_in_executor(self._pool, _init, self.spec)  # spawns it
+            await started
             self.engine_info = await self.call("info")
         except BaseException:
             await self.close()
