@@ -206,6 +206,7 @@ class MidiInput:
 
 
 _UNPARSABLE = Throttle(log)  # for callers without their own counter
+SYSEX = Throttle(log)  # a SysEx flood (a dump, a stuck sender) is one line per interval
 
 
 def parse(data: list[int], errors: Throttle | None = None) -> mido.Message | None:
@@ -221,7 +222,7 @@ def parse(data: list[int], errors: Throttle | None = None) -> mido.Message | Non
                                         type(e).__name__, e)
         return None
     if msg.type == "sysex":
-        log.info("ignored SysEx (%d bytes)", len(data))
+        SYSEX.log(logging.INFO, "ignored SysEx (%d bytes)", len(data))
         return None
     if msg.type not in CHANNEL_TYPES and msg.type not in REALTIME_TYPES:
         log.debug("ignored MIDI %s", msg.type)

@@ -23,8 +23,13 @@ from daemon.safelog import Throttle
 from tests.jack_server import Recorder, jack_server, sounding_after  # noqa: F401
 
 
-def test_parse_drops_sysex_and_garbage(caplog: pytest.LogCaptureFixture) -> None:
+def test_parse_drops_sysex_and_garbage(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    from daemon import midi_io
+
     caplog.set_level(logging.INFO, logger="daemon.midi_io")
+    # a fresh throttle: a SysEx parsed by an earlier test must not hide this one's line
+    monkeypatch.setattr(midi_io, "SYSEX", Throttle(logging.getLogger("daemon.midi_io")),
+                        raising=False)
     assert parse([0xF0, 0x7E, 0x01, 0xF7]) is None
     assert parse([0x90, 200, 1]) is None
     assert "SysEx" in caplog.text and "unparsable" in caplog.text
@@ -180,3 +185,21 @@ async def test_a_second_daemons_ports_are_logged_under_their_real_names(
             warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
             assert any(f"{name}-in-01:{name}-in" in w and "port_name" in w for w in warnings)
             assert any(f"{name}-out-01:{name}-out" in w for w in warnings)
+
+
+def test_a_sysex_flood_is_one_log_line_per_interval(monkeypatch, caplog) -> None:
+    """Issue 15 defect 9: each ignored SysEx message was its own INFO line."""
+    from daemon import midi_io
+
+    caplog.set_level(logging.INFO, logger="daemon.midi_io")
+    t = [0.0]
+    monkeypatch.setattr(midi_io, "SYSEX", Throttle(logging.getLogger("daemon.midi_io"),
+                                                   every_s=5.0, clock=lambda: t[0]), raising=False)
+    dump = [0xF0, *([0x11] * 1000), 0xF7]
+    for _ in range(3000):
+        assert parse(dump) is None
+    assert [r.getMessage() for r in caplog.records] == ["ignored SysEx (1002 bytes)"]
+    t[0] = 6.0
+    assert parse([0xF0, 0x7E, 0xF7]) is None
+    assert "2999 more" in caplog.records[-1].getMessage() and len(caplog.records) == 2
+    assert midi_io.SYSEX.total == 3001
