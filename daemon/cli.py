@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["loop", "follow"])
     p.add_argument("--engine", choices=["real", "fake"])
     p.add_argument("--engine-worker", choices=["thread", "process"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="engine device (config [engine] device; auto = cuda when available)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     g = p.add_argument_group("OSC (override [osc] of the config; docs/osc.md)")
@@ -69,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "clock.bpm": args.bpm, "clock.source": args.clock, "clock.send_clock": args.send_clock,
         "daemon.mode": args.mode,
         "daemon.engine": args.engine, "daemon.engine_worker": args.engine_worker,
+        "engine.device": args.device,
         "osc.port": args.osc_port, "osc.host": args.osc_host,
         "http.port": args.http_port, "http.host": args.http_host, "http.token": args.http_token,
     })

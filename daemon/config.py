@@ -146,6 +146,7 @@ class NonEmpty:
 # the training's; the daemon takes its model's config from the model folder.
 SCHEMA: dict[str, Range | Choices | NonEmpty] = {
     "engine.backend": Choices(("fast", "fast-bf16", "torchscript", "eager")),
+    "engine.device": Choices(("auto", "cpu", "cuda")),  # engine/device.py
     "engine.threads": Range(1, 64),
     "engine.decoding": Choices(("argmax", "sample")),
     "engine.temperature": Range(0.0, rules.MAX_TEMPERATURE, lo_open=True),

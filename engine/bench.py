@@ -3,6 +3,7 @@
     python -m engine.bench [--model models/clsm-default | --config configs/default.toml]
                            [--threads 1] [--json] [--profile]
                            [--cpu-config configs/cpu.toml | --no-cpu-config]
+                           [--device cpu|cuda|auto]
 
 Without --model a default-size model with random weights is exported to a temporary folder; a
 model folder exported before the fast parts existed is re-exported from its eager weights to a
@@ -15,7 +16,9 @@ remembered), an 8-point interpolation and a variation of a 4-bar target, the
 decoder alone (context pass and per-token cost), the naive full-recompute decode of the same z
 (and whether tokens are identical), start-up (load + warm-up) in a fresh process and peak
 resident memory; then the same for a random model of the CPU config. The machine may be
-shared: wall times come with the process CPU time and the load average.
+shared: wall times come with the process CPU time and the load average. --device cuda runs
+every backend on the GPU (the fast ones with their TorchScript loop: the C++ decode is
+CPU-only), timing after a device synchronisation; that path has not run on a GPU (README).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 
 from engine import export
 from engine import tokens as tk
+from engine.device import DeviceError, add_device_argument, resolve_device, synchronize
 from engine.model import CLSM
 from engine.profile_step import decode_profile, latent_profile
 from engine.runtime import Engine
@@ -44,12 +48,15 @@ from engine.runtime import Engine
 TARGETS = {1: (3, 3), 2: (3, 4), 3: (3, 5), 4: (3, 6)}  # bars, both-sided context
 
 
-def timed(fn: Callable[[], object], repeats: int) -> dict:
-    """p50 / p99 wall ms and p50 thread-CPU ms over `repeats` calls."""
+def timed(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> dict:
+    """p50 / p99 wall ms and p50 thread-CPU ms over `repeats` calls (each waits for the device:
+    CUDA returns before its work is done)."""
     wall, cpu = [], []
+    device = device or torch.device("cpu")
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.thread_time()
         fn()
+        synchronize(device)
         wall.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.thread_time() - c0) * 1e3)
     return {"p50_ms": round(float(np.percentile(wall, 50)), 2),
@@ -57,7 +64,8 @@ def timed(fn: Callable[[], object], repeats: int) -> dict:
             "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 2), "n": repeats}
 
 
-def startup(model_dir: Path, threads: int, backend: str = "torchscript") -> dict:
+def startup(model_dir: Path, threads: int, backend: str = "torchscript",
+            device: str = "cpu") -> dict:
     """Load + warm-up in a fresh interpreter, with its peak RSS after a few calls (VmHWM, not
     ru_maxrss: Linux carries ru_maxrss over an exec, so the child would report the bench
     process's own peak)."""
@@ -65,7 +73,8 @@ def startup(model_dir: Path, threads: int, backend: str = "torchscript") -> dict
         "import json, time; t0 = time.perf_counter()\n"
         "from engine.runtime import Engine\n"
         "t1 = time.perf_counter()\n"
-        f"e = Engine.load({str(model_dir)!r}, threads={threads}, backend={backend!r})\n"
+        f"e = Engine.load({str(model_dir)!r}, threads={threads}, backend={backend!r}, "
+        f"device={device!r})\n"
         "t2 = time.perf_counter()\n"
         "toks = [30] * 128\n"
         "g = e.infill(toks, 3, 6, seed=0)\n"
@@ -106,11 +115,12 @@ def bench_decoder(engine: Engine, tokens: list[int], repeats: int) -> dict:
     of each further token, (t64 - t1) / 63."""
     first, last = TARGETS[4]
     start, end = tk.target_steps(first, last)
-    x = torch.tensor([tokens])
-    z = torch.from_numpy(engine.infill(tokens, first, last, seed=1).z)[None]
+    x = torch.tensor([tokens], device=engine.device)
+    z = torch.from_numpy(engine.infill(tokens, first, last, seed=1).z)[None].to(engine.device)
     with torch.inference_mode():
-        one = timed(lambda: engine.decoder(x, z, start, 1, 0.0, None), repeats)
-        full = timed(lambda: engine.decoder(x, z, start, end - start, 0.0, None), repeats)
+        one = timed(lambda: engine.decoder(x, z, start, 1, 0.0, None), repeats, engine.device)
+        full = timed(lambda: engine.decoder(x, z, start, end - start, 0.0, None), repeats,
+                     engine.device)
     steps = end - start - 1
     return {"context_and_first_token_ms": one["p50_ms"], "decode_64_tokens_ms": full["p50_ms"],
             "per_token_ms": round((full["p50_ms"] - one["p50_ms"]) / steps, 4),
@@ -137,17 +147,19 @@ def same_tokens(engines: dict[str, Engine], tokens: list[int]) -> dict:
 
 def bench_naive(model: CLSM, engine: Engine, tokens: list[int], repeats: int,
                 others: dict[str, Engine] | None = None) -> dict:
+    """model: the eager CLSM on the engine's device."""
     out: dict = {}
-    x = torch.tensor([tokens])
+    x = torch.tensor([tokens], device=engine.device)
     for bars in (1, 4):
         first, last = TARGETS[bars]
         start, end = tk.target_steps(first, last)
         g = engine.infill(tokens, first, last, seed=1)
-        z = torch.from_numpy(g.z)[None]
+        z = torch.from_numpy(g.z)[None].to(engine.device)
         with torch.inference_mode():
             naive = model.decode_naive(x, z, start, end - start)[0].tolist()
             out[f"naive_decode_{bars}bar"] = timed(
-                lambda s=start, n=end - start, z=z: model.decode_naive(x, z, s, n), repeats)
+                lambda s=start, n=end - start, z=z: model.decode_naive(x, z, s, n), repeats,
+                engine.device)
         out[f"naive_decode_{bars}bar"]["identical_tokens"] = naive == g.tokens
         for name, other in (others or {}).items():
             same = other.infill(tokens, first, last, z=g.z).tokens == naive
@@ -170,33 +182,36 @@ def prepare_folder(model: Path | None, config: Path, tmp: Path, label: str) -> t
     manifest = json.loads((model / export.MANIFEST).read_text())
     if "fast_decoder" in manifest.get("parts", {}):
         return model, str(model)
-    ckpt = torch.load(model / manifest["parts"]["eager"], weights_only=True)
+    ckpt = torch.load(model / manifest["parts"]["eager"], map_location="cpu", weights_only=True)
     export.export(CLSM.from_checkpoint(ckpt).float(), tmp / label, source=manifest.get("source", {}))
     return tmp / label, (f"{model} re-exported from its eager weights ({manifest.get('dtype')}) "
                          f"to a temporary folder: it has no fast parts")
 
 
 def bench_folder(model_dir: Path, note: str, args: argparse.Namespace) -> dict:
+    device = str(args.device)
     result: dict = {"model": note, "threads": args.threads, "torch": torch.__version__,
-                    "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
-    result["startup"] = startup(model_dir, args.threads)
-    result["startup_fast"] = startup(model_dir, args.threads, "fast")
+                    "device": device, "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
+    result["startup"] = startup(model_dir, args.threads, device=device)
+    result["startup_fast"] = startup(model_dir, args.threads, "fast", device)
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, tk.N_SYMBOLS, tk.SEQ_LEN)]
-    engines = {b: Engine.load(model_dir, backend=b, threads=args.threads) for b in BACKENDS}
+    engines = {b: Engine.load(model_dir, backend=b, threads=args.threads, device=device)
+               for b in BACKENDS}
     for name, engine in engines.items():
         result[name] = bench_engine(engine, tokens, args.repeats)
     result["decoder_only"] = {name: bench_decoder(e, tokens, args.repeats)
                               for name, e in engines.items()}
-    ckpt = torch.load(model_dir / export.EAGER_FILE, weights_only=True)
-    model = CLSM.from_checkpoint(ckpt).float().eval()
+    ckpt = torch.load(model_dir / export.EAGER_FILE, map_location="cpu", weights_only=True)
+    model = CLSM.from_checkpoint(ckpt).float().to(args.device).eval()
     result["naive"] = bench_naive(model, engines["torchscript"], tokens, args.naive_repeats,
                                   {"fast": engines["fast"]})
     result["token_agreement_with_eager"] = same_tokens(engines, tokens)
     if args.profile:
         first, last = TARGETS[4]
         start, end = tk.target_steps(first, last)
-        x = torch.tensor([tokens])
+        x = torch.tensor([tokens], device=args.device)
         z = torch.from_numpy(engines["eager"].infill(tokens, first, last, seed=1).z)[None]
+        z = z.to(args.device)
         result["profile"] = {name: {"decode_4bar": decode_profile(engines[name].decoder, x, z, start,
                                                                   end - start),
                                     "prior_4bar": latent_profile(engines[name].latent, x, start,
@@ -243,7 +258,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also bench a random model of this config")
     parser.add_argument("--no-cpu-config", action="store_true", help="skip the CPU-config run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_argument(parser, default="cpu")
     args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except DeviceError as e:
+        parser.exit(2, f"engine.bench: --device: {e}\n")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(r: dict) -> None:
-    print(f"model: {r['model']}  threads: {r['threads']}  torch {r['torch']}  "
+    print(f"model: {r['model']}  threads: {r['threads']}  device: {r.get('device', 'cpu')}  "
+          f"torch {r['torch']}  "
           f"load avg before/after: {r['loadavg_before']} / {r['loadavg_after']}")
     print(f"{'case':32s} {'backend':12s} {'p50 ms':>8s} {'p99 ms':>8s} {'cpu p50':>8s}")
     for backend in (*BACKENDS, "naive"):

@@ -128,9 +128,10 @@ def load_parts(folder: Path, manifest: dict, backend: str, device: str):
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise EngineError(f"cannot load the {backend} parts of {folder}: {first_line}; "
                           f"re-export the model folder") from e
-    if device == "cpu" and backend not in FAST_PARTS:
-        # float16 folders are stored half-size but computed in float32 here (the fast parts
-        # are frozen float32, or bfloat16 on purpose in the Bi-LSTM of fast-bf16)
+    if backend not in FAST_PARTS:
+        # float16 folders are stored half-size but computed in float32 on every device (the
+        # engine's latents are float32; the fast parts are frozen float32, or bfloat16 on
+        # purpose in the Bi-LSTM of fast-bf16)
         latent, decoder = latent.float(), decoder.float()
     return latent.to(device), decoder.to(device)
 

@@ -386,7 +386,8 @@ class CLSM(nn.Module):
         """Loss for a batch whose targets all have `length` steps, starting at start (B,).
 
         Returns (total, parts): total = (1/|xT|) Lrec + beta * KL, the negative of the paper's
-        objective; parts holds rec, kl and teacher-forced accuracy (detached floats).
+        objective; parts holds rec, kl and teacher-forced accuracy as detached 0-d tensors on
+        the batch's device (float() them to log: on CUDA a read-back waits for the GPU).
         free_bits > 0 (not in the paper) replaces KL by max(KL, free_bits) in the total: below
         that many nats the KL term has no gradient, so z is not squeezed out of use."""
         mean, logvar = self.encoder(x, start, length)
@@ -398,7 +399,7 @@ class CLSM(nn.Module):
         rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
         total = rec + beta * torch.clamp(kl, min=free_bits)
         acc = (logits.argmax(-1) == target).float().mean()
-        return total, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
+        return total, {"rec": rec.detach(), "kl": kl.detach(), "acc": acc}
 
     @torch.no_grad()
     def prior_latent(self, x: torch.Tensor, start: torch.Tensor, length: int,

@@ -14,6 +14,10 @@ shares it, so they differ by z only (the latent space stays what moves the music
 variation at delta 0 is its parent).
 
 Synchronous and CPU-heavy (a few ms per call): call it from one worker thread or process.
+Device (`device=` auto | cpu | cuda, engine/device.py): the parts load and warm up on it; on
+CUDA the fast backends decode with their TorchScript loop (the C++ one is CPU-only) and no
+CUDA graphs are built. Seeded draws come from CPU generators, so a seed means the same z on
+every device. The CUDA path has not run on a GPU (README, GPU).
 Calls are serialised by a lock. Every bad input or model problem raises one `EngineError`
 whose message says what to fix; the engine stays usable afterwards.
 """
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from engine import tokens as tk
+from engine.device import DeviceError, randn, resolve_device, synchronize
 from engine.folder import BACKENDS, EngineError, load_parts, read_manifest
 
 __all__ = ["BACKENDS", "Engine", "EngineError", "Generation"]
@@ -107,11 +112,9 @@ class Engine:
         if threads < 1 or max_batch < 1:
             raise EngineError("threads and max_batch must be >= 1")
         try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise EngineError(f"unknown device {device!r} (use 'cpu' or 'cuda')") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EngineError("device 'cuda' requested but no CUDA device is available")
+            dev = resolve_device(device)  # auto | cpu | cuda[:N]
+        except DeviceError as e:
+            raise EngineError(str(e)) from None
         torch.set_num_threads(threads)  # the daemon's timing path keeps the other cores
         folder = Path(model_dir)
         manifest = read_manifest(folder)
@@ -147,7 +150,7 @@ class Engine:
         with self._lock, torch.inference_mode():
             if z is None:
                 mean, logvar = self._prior(x, start, length)
-                eps = torch.randn(self.d_z, generator=gen).to(self.device)
+                eps = randn((self.d_z,), gen, self.device)
                 zt = self.latent.flow_inverse((mean + (0.5 * logvar).exp() * eps)[None])
             else:
                 zt = self._latent(z, "z")[None]
@@ -191,7 +194,7 @@ class Engine:
                 zt = z0
             else:
                 _, logvar = self._prior(x, start, length)
-                eps = torch.randn(self.d_z, generator=gen).to(self.device)
+                eps = randn((self.d_z,), gen, self.device)
                 zt = self.latent.flow_inverse(self.latent.flow_forward(z0)
                                               + d * (0.5 * logvar).exp() * eps)
             out = self._decode(x, zt, start, length, self.temperature)
@@ -236,6 +239,7 @@ class Engine:
                     for _ in range(1 if ahead else 2):
                         self.decoder(x, z, start, length, 0.0, None)
                         self._decode(x, z, start, length, self.temperature or 1.0)
+        synchronize(self.device)  # CUDA queues work: warm means done
         self.warmup_ms = (time.perf_counter() - t0) * 1e3
 
     # ------------------------------------------------------------------ helpers

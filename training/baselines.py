@@ -3,7 +3,7 @@ and the 2-layer transformer LM that scores generated melodies.
 
     python -m training.baselines --kind vae|lm --data cache/windows.npz --out runs/NAME
         [--config configs/cpu.toml] [--gamma 0.4] [--anneal-steps N] [--minutes M]
-        [--max-steps N] [--threads 1]
+        [--max-steps N] [--threads 1] [--device auto|cpu|cuda]
 
 VAE baseline, the paper's eqs. 9-11 (sizes from the config's [model], i.e. equal to the CLSM's):
   encoder  q(z | x)           embed the whole window x -> 2-layer Bi-LSTM -> [h_l; h_r]
@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from engine import tokens as tk
 from engine.decoding import nucleus
 from engine.model import CLSM, count_parameters, mlp
+from training.accel import Precision
 from training.data import load_windows
 from training.train import (
     load_checkpoint,
     load_train_config,
     resume_path,
     run_arguments,
+    run_device,
     save_checkpoint,
     training_loop,
     validate,
@@ -130,7 +132,7 @@ class PaperVAE(nn.Module):
         rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x.reshape(-1))
         total = rec + beta * torch.clamp(kl, min=free_bits) / x.size(1)
         acc = (logits.argmax(-1) == x).float().mean()
-        return total, {"rec": rec.item(), "kl": kl.item(), "acc": acc.item()}
+        return total, {"rec": rec.detach(), "kl": kl.detach(), "acc": acc}  # no read-back
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int,
@@ -209,7 +211,7 @@ class TransformerLM(nn.Module):
         logits = self.logits(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), x.reshape(-1))
         acc = (logits.argmax(-1) == x).float().mean()
-        return loss, {"rec": loss.item(), "acc": acc.item()}
+        return loss, {"rec": loss.detach(), "acc": acc}  # 0-d tensors: no read-back
 
     def model_args(self) -> dict:
         return {**asdict(self.cfg), "kind": self.kind}
@@ -223,8 +225,9 @@ def checkpoint_kind(ckpt: dict) -> str:
     return ckpt.get("kind") or ckpt.get("model_args", {}).get("kind") or "clsm"
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, str]:
-    """Any checkpoint of this project (CLSM, VAE, LM) -> (model in eval mode, kind)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
+    """Any checkpoint of this project (CLSM, VAE, LM), saved on any device -> (model in eval
+    mode on `device`, kind)."""
     ckpt = load_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     if kind == "vae":
@@ -235,7 +238,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, str]:
         model.load_state_dict(ckpt["model"])
     else:
         model = CLSM.from_checkpoint(ckpt)
-    return model.eval(), kind
+    return model.to(device).eval(), kind
 
 
 # ----------------------------------------------------------------------------- training
@@ -253,6 +256,7 @@ def train(args: argparse.Namespace) -> Path:
         tcfg["beta_kl"] = args.gamma
         tcfg["beta_anneal_steps"] = args.anneal_steps
         tcfg["free_bits"] = 0.0
+    device = run_device(args, tcfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
@@ -274,17 +278,22 @@ def train(args: argparse.Namespace) -> Path:
         model.train()
         step = ckpt["step"]
         rng = np.random.default_rng([tcfg["seed"], step])
+    model = model.to(device)  # before the optimiser: its loaded state follows the parameters
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
     if resume:
         opt.load_state_dict(ckpt["optimizer"])
         log.info("resumed from %s at step %d", resume, step)
-    log.info("%s with %d parameters; %d %s / %d %s windows", args.kind, count_parameters(model),
-             len(train_w), splits[0], len(valid_w), splits[1])
+    # float32 on the CPU as before; mixed precision on CUDA as the CLSM's ([train] bf16)
+    precision = Precision.choose(device, tcfg["bf16"] and device.type == "cuda")
+    log.info("%s with %d parameters; %d %s / %d %s windows; %s, mixed precision %s", args.kind,
+             count_parameters(model), len(train_w), splits[0], len(valid_w), splits[1], device,
+             precision)
 
     step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
                                   out=out, step=step, max_steps=args.max_steps, minutes=args.minutes,
-                                  quiet=args.quiet)
-    metrics["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"], tcfg["target_bars"])
+                                  precision=precision, quiet=args.quiet)
+    metrics["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
+                                tcfg["target_bars"], precision)
     save_checkpoint(ckpt_path, model, opt, step, config, metrics)  # type: ignore[arg-type]
     print(f"{args.kind} step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
           f"= {metrics['windows_per_s']:.1f} windows/s; valid {metrics['valid']}; checkpoint {ckpt_path}")

@@ -53,12 +53,14 @@ class Decoding:
         return (f"temperature={self.temperature:g}" if self.top_p == 1.0
                 else f"top_p={self.top_p:g},temperature={self.temperature:g}")
 
-    def noise(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor | None:
-        """Gumbel noise (..., n_out) for sampling; None for argmax."""
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator,
+              device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Gumbel noise (..., n_out) for sampling, on `device`; None for argmax. Drawn from the
+        CPU generator gen: a seed gives the same noise on every device."""
         if not self.sampling:
             return None
         u = torch.rand((*shape, tk.N_SYMBOLS), generator=gen).clamp_(1e-9, 1 - 1e-7)
-        return -(-u.log()).log()
+        return (-(-u.log()).log()).to(device)
 
 
 ARGMAX = Decoding()
@@ -72,19 +74,21 @@ class ModelUnderTest:
         self.kind = "vae" if isinstance(model, PaperVAE) else "clsm"
         self.cached = CachedDecoder(model.decoder).eval() if isinstance(model, CLSM) else None
         self.d_z = model.cfg.d_z
+        self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def posterior_mean(self, x: torch.Tensor, start: int, length: int) -> torch.Tensor:
-        mean, _ = self.model.encoder(x, torch.full((x.size(0),), start), length)
+        mean, _ = self.model.encoder(x, torch.full((x.size(0),), start, device=x.device), length)
         return mean
 
     @torch.no_grad()
     def prior(self, x: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation (B, dz) of the Gaussian that is interpolated in."""
         if isinstance(self.model, CLSM):
-            mean, logvar = self.model.prior(x, torch.full((x.size(0),), start), length)
+            mean, logvar = self.model.prior(x, torch.full((x.size(0),), start, device=x.device),
+                                            length)
             return mean, (0.5 * logvar).exp()
-        zeros = torch.zeros(x.size(0), self.d_z)
+        zeros = torch.zeros(x.size(0), self.d_z, device=x.device)
         return zeros, torch.ones_like(zeros)
 
     @torch.no_grad()
@@ -102,18 +106,19 @@ class ModelUnderTest:
         return self.model.decode(x, z, start, length, decoding.temperature, noise, decoding.top_p)
 
 
-def load_for_eval(path: str | Path) -> ModelUnderTest:
-    """A training checkpoint (CLSM or VAE) or a shipped model folder (models/clsm-default)."""
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> ModelUnderTest:
+    """A training checkpoint (CLSM or VAE) or a shipped model folder (models/clsm-default),
+    saved on any device, computed on `device`."""
     path = Path(path)
     if path.is_dir():
         manifest = path / export.MANIFEST
         if not manifest.is_file():
             raise SystemExit(f"{path} is a folder without {export.MANIFEST}: not a model folder")
         ckpt = torch.load(path / export.EAGER_FILE, map_location="cpu", weights_only=True)
-        return ModelUnderTest(CLSM.from_checkpoint(ckpt).float(), path.name, str(path))
+        return ModelUnderTest(CLSM.from_checkpoint(ckpt).float().to(device), path.name, str(path))
     if not path.is_file():
         raise SystemExit(f"no checkpoint at {path}")
-    model, kind = load_model(path)
+    model, kind = load_model(path, device)
     if kind == "lm":
         raise SystemExit(f"{path} is an LM checkpoint; it goes to --lm")
     name = path.parent.name if path.name == "ckpt.pt" else path.stem

@@ -4,7 +4,7 @@
         [--baseline models/baselines/vae-g0.4.pt ..] [--lm models/baselines/lm.pt]
         --data cache/windows.npz|MIDI_DIR [--split test] [--n 128] [--batch 8] [--seed 0]
         [--decoding argmax|temperature=T|top_p=P[,temperature=T]] [--plot DIR]
-        [--json | --markdown] [--out FILE.json]
+        [--json | --markdown] [--out FILE.json] [--device auto|cpu|cuda]
     python -m training.evaluate --from FILE.json --markdown   # re-print a saved result
 
 Every figure is reported per data set (pop909, nottingham: the songs' folder in the cache) and
@@ -48,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from engine import tokens as tk
+from engine.device import DeviceError, add_device_argument, randn, resolve_device
 from training import metrics
 from training.baselines import TransformerLM, load_model
 from training.data import windows_from_midi_folder
@@ -145,7 +146,7 @@ class Tally:
 def add_player_figures(t: Tally, gen_targets: torch.Tensor, x: torch.Tensor, start: int,
                        length: int) -> None:
     """Token shares and pitch-class fit of targets (k B, length) generated for windows x (B, 128)."""
-    arr = gen_targets.numpy()
+    arr = gen_targets.cpu().numpy()
     for key, value in metrics.token_shares(arr).items():
         t.add(key, value * arr.size, arr.size)
     contexts = context_of(x, start, length)
@@ -164,14 +165,17 @@ def lm_target_nll(lm: TransformerLM, full: torch.Tensor, start: int, length: int
 @torch.no_grad()
 def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, length: int,
                    lm: TransformerLM | None, decoding: Decoding, gen: torch.Generator) -> None:
+    """Every figure of one batch, computed on the model's device; the seeded draws come from
+    the CPU generator gen (the same figures on every device, up to rounding)."""
+    x = x.to(m.device)
     B = x.size(0)
     truth = x[:, start:start + length]
     recon = m.decode(x, m.posterior_mean(x, start, length), start, length)
     t.add("recon_acc", float((recon == truth).sum()), truth.numel())
 
     mean, sd = m.prior(x, start, length)
-    w = mean + sd * torch.randn((K_REROLLS, *mean.shape), generator=gen)  # (K, B, dz)
-    alphas = (torch.arange(K_INTERP + 1, dtype=w.dtype) / K_INTERP)[:, None, None]
+    w = mean + sd * randn((K_REROLLS, *mean.shape), gen, m.device)  # (K, B, dz)
+    alphas = (torch.arange(K_INTERP + 1, dtype=w.dtype, device=w.device) / K_INTERP)[:, None, None]
     w_path = (1 - alphas) * w[0] + alphas * w[1]  # (9, B, dz)
     z_path = m.to_z(w_path.reshape(-1, m.d_z))
     xs = x.repeat(K_INTERP + 1, 1)
@@ -185,7 +189,7 @@ def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, len
 
     # The daemon's decoding (engine/runtime.py): sampling noise belongs to the context, so the
     # re-rolls, the interpolation and the variations of one window share one noise draw.
-    noise = decoding.noise((1, B, length), gen)
+    noise = decoding.noise((1, B, length), gen, m.device)
     if noise is not None:
         noise = noise.expand(K_REROLLS, -1, -1, -1)
     flat_noise = None if noise is None else noise.reshape(K_REROLLS * B, length, -1)
@@ -204,7 +208,7 @@ def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, len
     t.add("interp_distinct", sum(metrics.distinct(p) for p in player_path.transpose(0, 1).tolist()), B)
     parent = rolls[0]
     for delta in DELTAS:
-        w_var = w[0] + delta * sd * torch.randn(mean.shape, generator=gen)
+        w_var = w[0] + delta * sd * randn(tuple(mean.shape), gen, m.device)
         child = m.decode(x, m.to_z(w_var), start, length, decoding,
                          None if noise is None else noise[0])
         for p_row, c_row in zip(parent.tolist(), child.tolist(), strict=True):
@@ -239,7 +243,7 @@ def reference_case(batches, lm: TransformerLM | None) -> dict:
     for x, start, length in batches:
         add_player_figures(t, x[:, start:start + length], x, start, length)
         if lm is not None:
-            t.add("lm_nll", *lm_target_nll(lm, x, start, length))
+            t.add("lm_nll", *lm_target_nll(lm, x.to(lm.head.weight.device), start, length))
     out = {key: t.mean(key) for key in sorted(t.sums)}
     out.setdefault("lm_nll", None)
     return out
@@ -250,14 +254,18 @@ def reference_case(batches, lm: TransformerLM | None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(getattr(args, "device", None) or "auto")
+    except DeviceError as e:
+        raise SystemExit(f"--device: {e}") from None
     decoding = Decoding.parse(args.decoding)
     sets = load_eval_sets(args.data, args.split)
     lm = None
     if args.lm:
-        lm, kind = load_model(args.lm)
+        lm, kind = load_model(args.lm, device)
         if kind != "lm":
             raise SystemExit(f"--lm {args.lm} is a {kind} checkpoint, not an LM")
-    models = [load_for_eval(p) for p in args.checkpoint + args.baseline]
+    models = [load_for_eval(p, device) for p in args.checkpoint + args.baseline]
     batches = {(ds, case): case_batches(w, args.n, args.batch, args.seed, case)
                for ds, w in sets.items() for case in CASES}
     result: dict = {
@@ -265,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
                      "data": str(args.data), "split": args.split, "n_per_set": args.n,
                      "batch": args.batch, "seed": args.seed, "decoding": str(decoding),
                      "interp_points": K_INTERP + 1, "rerolls": K_REROLLS, "deltas": list(DELTAS),
-                     "torch_threads": args.threads},
+                     "torch_threads": args.threads, "device": str(device)},
         "reference": {ds: {case: reference_case(batches[ds, case], lm) for case in CASES}
                       for ds in sets},
         "models": {},
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    add_device_argument(p, default="auto")
     p.add_argument("--decoding", default="argmax",
                    help="player figures: argmax | temperature=T | top_p=P[,temperature=T]")
     p.add_argument("--plot", default=None, metavar="DIR", help="write the paper's Fig. 3b as PNGs")

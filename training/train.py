@@ -4,6 +4,9 @@
 Data parallel on both cores (or several machines, see training/distributed.py):
     torchrun --standalone --nproc-per-node 2 -m training.train --threads 1 ...
 [train] batch_size is per process, so 2 processes at 32 make the paper's batch of 64.
+Device: --device / [train] device (auto | cpu | cuda, engine/device.py); on CUDA, mixed precision
+(training/accel.py), pinned batches, one GPU per torchrun process, nccl; figures read back from
+the device every [train] log_every steps only.
 
 Per batch: |xT| uniform in {16, 32, 48, 64}, |xCL| uniform in {0, 16, ..., 128 - |xT|} per window,
 a random valid transposition per window, loss (1/|xT|) Lrec + beta * KL with beta annealed
@@ -30,8 +33,10 @@ from tqdm import tqdm
 
 from daemon.config import DEFAULT_PATH, merge, read_toml
 from engine import tokens as tk
+from engine.device import DeviceError, add_device_argument, resolve_device, to_device
 from engine.model import CLSM, CLSMConfig, count_parameters
 from training import distributed as ddp
+from training.accel import Precision, RunningParts, log_interval
 from training.data import load_windows, random_transpositions
 
 log = logging.getLogger("training.train")
@@ -57,10 +62,6 @@ def make_batch(windows: np.ndarray, rng: np.random.Generator, batch: int) -> tor
     return torch.from_numpy(random_transpositions(windows[idx], rng).astype(np.int64))
 
 
-def bf16_available() -> bool:
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
                     config: dict, metrics: dict) -> None:
     """Atomic: write a temp file, then rename over the old checkpoint."""
@@ -73,28 +74,42 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint saved on any device, its tensors on map_location (the CPU by default: the
+    model and optimiser move to the run's device after loading; torch_rng must stay a CPU
+    tensor)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def run_device(args: argparse.Namespace, tcfg: dict) -> torch.device:
+    """--device, else [train] device (auto when absent); under torchrun this process's GPU.
+    A device this machine lacks ends the run with one line (SPEC section 5)."""
+    given = getattr(args, "device", None)
+    try:
+        return resolve_device(given or tcfg.get("device", "auto"), local_rank=ddp.local_rank())
+    except DeviceError as e:
+        raise SystemExit(f"{'--device' if given else '[train] device'}: {e}") from None
 
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
-             target_bars: list[int], autocast: bool = False) -> dict:
-    """Mean loss parts over fixed, seeded validation batches (untransposed windows)."""
+             target_bars: list[int], precision: Precision | None = None) -> dict:
+    """Mean loss parts over fixed, seeded validation batches (untransposed windows), computed
+    on the model's device."""
     model = ddp.unwrap(model)
     model.eval()
+    device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    parts_sum: dict[str, float] = {}
+    running = RunningParts()
     for _ in range(n_batches):
         idx = rng.integers(0, len(valid), size=batch)
-        x = torch.from_numpy(valid[idx].astype(np.int64))
+        x = to_device(torch.from_numpy(valid[idx].astype(np.int64)), device)
         start, length = sample_targets(rng, batch, target_bars)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, parts = model(x, start, length, beta=1.0)
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + v / n_batches
+        with (precision or Precision(device.type)).autocast():
+            _, parts = model(x, to_device(start, device), length, beta=1.0)
+        running.add(parts)
     model.train()
-    return parts_sum
+    return running.read()
 
 
 class StopRequest:
@@ -137,15 +152,33 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               start: torch.Tensor, length: int, *, beta: float, free_bits: float,
+               precision: Precision) -> tuple[torch.Tensor, dict]:
+    """One optimiser step on the model's device; returns the loss and its parts as device
+    tensors (nothing is read back here: on CUDA that would wait for the GPU every step)."""
+    with precision.autocast():
+        loss, parts = model(x, start, length, beta=beta, free_bits=free_bits)
+    opt.zero_grad(set_to_none=True)
+    precision.backward_step(loss, opt)
+    return loss.detach(), parts
+
+
 def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: np.ndarray,
                   valid_w: np.ndarray, rng: np.random.Generator, *, tcfg: dict, config: dict,
                   out: Path, step: int = 0, max_steps: int | None = None,
-                  minutes: float | None = None, autocast: bool = False,
+                  minutes: float | None = None, precision: Precision | None = None,
                   quiet: bool = False) -> tuple[int, dict]:
     """The paper's training loop for any model whose forward is (x, start, length, beta,
-    free_bits) -> (loss, parts): target sampling, beta annealing, validation, periodic atomic
-    checkpoints to out/ckpt.pt and one JSON line a step in out/log.jsonl (rank 0 only when
-    distributed). Returns the step and the metrics."""
+    free_bits) -> (loss, parts), on the model's device: target sampling, beta annealing,
+    validation, periodic atomic checkpoints to out/ckpt.pt and a JSON line every
+    log_interval steps in out/log.jsonl (the means since the last line; rank 0 only when
+    distributed). Ranks agree on stopping (deadline, signal) at those steps too. Returns the
+    step and the metrics."""
+    device = next(model.parameters()).device
+    precision = precision or Precision(device.type)
+    every = log_interval(tcfg.get("log_every", 0), device)
+    running = RunningParts()
     main = ddp.is_main()
     ckpt_path = out / "ckpt.pt"
     deadline = time.monotonic() + 60 * minutes if minutes else float("inf")
@@ -157,31 +190,34 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
     logf = (out / "log.jsonl").open("a") if main else None
     try:
         with StopRequest() as stop:
-            while not ddp.any_rank(stop.requested or time.monotonic() >= deadline
-                                   or (max_steps is not None and step >= max_steps)):
-                x = make_batch(train_w, rng, tcfg["batch_size"])
+            while not (max_steps is not None and step >= max_steps):
+                if step % every == 0 and ddp.any_rank(stop.requested
+                                                      or time.monotonic() >= deadline):
+                    break
+                x = to_device(make_batch(train_w, rng, tcfg["batch_size"]), device)
                 start, length = sample_targets(rng, tcfg["batch_size"], tcfg["target_bars"])
                 beta, lr = beta_at(step, tcfg), lr_at(step, tcfg)
                 set_lr(opt, lr)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    loss, parts = model(x, start, length, beta=beta,
-                                        free_bits=tcfg.get("free_bits", 0.0))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss, parts = train_step(model, opt, x, to_device(start, device), length, beta=beta,
+                                         free_bits=tcfg.get("free_bits", 0.0), precision=precision)
                 step += 1
                 seen += len(x) * world
                 rate = seen / (time.monotonic() - t0)
                 if not main:
                     continue
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{parts.get('kl', 0.0):.2f}",
-                                acc=f"{parts['acc']:.3f}", win_s=f"{rate:.0f}")
+                running.add({"loss": loss, **parts})
+                valid_now = step % tcfg["valid_every"] == 0
+                if step % every and not valid_now:
+                    continue
+                means = running.read()  # the interval's one host-device sync
+                bar.set_postfix(loss=f"{means.pop('loss'):.3f}", kl=f"{means.get('kl', 0.0):.2f}",
+                                acc=f"{means['acc']:.3f}", win_s=f"{rate:.0f}")
                 record = {"step": step, "t": round(time.monotonic() - t0, 3), "beta": beta,
-                          "lr": lr, "windows_per_s": rate, "processes": world, **parts}
-                if step % tcfg["valid_every"] == 0:
+                          "lr": lr, "windows_per_s": rate, "processes": world, **means}
+                if valid_now:
                     record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
-                                               tcfg["target_bars"], autocast)
+                                               tcfg["target_bars"], precision)
                     metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
                     log.info("step %d valid %s", step, record["valid"])
                 logf.write(json.dumps(record) + "\n")
@@ -213,11 +249,12 @@ def resume_path(args: argparse.Namespace, out: Path) -> Path | None:
 def train(args: argparse.Namespace) -> Path:
     config = load_train_config(args.config)
     tcfg = config["train"]
+    device = run_device(args, tcfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     torch.set_num_threads(args.threads or tcfg["threads"])
-    with ddp.process_group():
+    with ddp.process_group(device):
         torch.manual_seed(tcfg["seed"])
         rng = np.random.default_rng([tcfg["seed"], ddp.rank()])
 
@@ -241,19 +278,20 @@ def train(args: argparse.Namespace) -> Path:
             # process count is allowed, so the old streams cannot simply continue.
             rng = np.random.default_rng([tcfg["seed"], step, ddp.rank()])
             log.info("resumed from %s at step %d", resume, step)
-        model = ddp.wrap(model)
+        model = ddp.wrap(model.to(device))  # on its device before the optimiser sees it
         opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
         if ckpt is not None:
-            opt.load_state_dict(ckpt["optimizer"])  # casts bf16 snapshot moments back to fp32
-        autocast = tcfg["bf16"] and not args.no_bf16 and bf16_available()
+            # onto the parameters' device; casts bf16 snapshot moments back to fp32
+            opt.load_state_dict(ckpt["optimizer"])
+        precision = Precision.choose(device, tcfg["bf16"] and not args.no_bf16)
         if ddp.is_main():
-            log.info("CLSM with %d parameters; %d train / %d valid windows; bf16 autocast %s; "
-                     "%d process(es)", count_parameters(model), len(train_w), len(valid_w),
-                     autocast, ddp.world_size())
+            log.info("CLSM with %d parameters; %d train / %d valid windows; %s; mixed precision "
+                     "%s; %d process(es)", count_parameters(model), len(train_w), len(valid_w),
+                     device, precision, ddp.world_size())
 
         step, metrics = training_loop(model, opt, train_w, valid_w, rng, tcfg=tcfg, config=config,
                                       out=out, step=step, max_steps=args.max_steps,
-                                      minutes=args.minutes, autocast=autocast, quiet=args.quiet)
+                                      minutes=args.minutes, precision=precision, quiet=args.quiet)
         if ddp.is_main():
             save_checkpoint(ckpt_path, model, opt, step, config, metrics)
             print(f"step {step}: {metrics['windows']} windows in {metrics['seconds']:.1f} s "
@@ -273,6 +311,7 @@ def run_arguments(description: str, default_threads: int | None) -> argparse.Arg
     p.add_argument("--minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=default_threads)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_argument(p, default=None)
     return p
 
 
@@ -280,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p = run_arguments(__doc__.splitlines()[0], default_threads=None)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from out/ckpt.pt, or from CKPT (a committed snapshot)")
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="no mixed precision (float32 throughout, also on CUDA)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train(args)
