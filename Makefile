@@ -1,5 +1,6 @@
 # Set-up and test entry points. Override TORCH_SPEC for a GPU build, e.g.
 #   make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" venv
+# then --device cuda|auto (README, "On a GPU": that path has not run on a GPU).
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
