@@ -19,6 +19,7 @@ import torch
 
 from daemon.cli import build_parser, config_from_args
 from engine import device as dev
+from engine import export
 from engine import tokens as tk
 from engine.model import CLSM
 from engine.runtime import Engine, EngineError
@@ -134,6 +135,24 @@ def test_engine_parts_inputs_and_caches_live_on_the_configured_device(tmp_path):
         if backend != "fast":  # fast: the C++ decoder on the CPU, frozen TorchScript on CUDA
             weights = list(engine.decoder.parameters()) + list(engine.decoder.buffers())
             assert weights and all(w.device == HERE for w in weights)
+
+
+def test_exported_parts_hold_nothing_that_pins_them_to_the_cpu(tmp_path):
+    """The TorchScript parts are exported on the CPU and loaded with map_location on another
+    device: that moves their (frozen) tensors, but not a "cpu" device literal in the graph nor
+    a CPU-only op (mkldnn, prepacked) that an export-time optimisation might insert."""
+    manifest = export_tiny(tmp_path / "m")
+    scripted = {k: v for k, v in manifest["parts"].items()
+                if k not in ("eager",) and not k.startswith("native")}
+    assert {"latent", "decoder", "fast_latent", "fast_decoder"} <= set(scripted)
+    for name in scripted.values():
+        module = export.load_scripted(tmp_path / "m" / name, str(dev.resolve_device("auto")))
+        graphs = [str(getattr(module, m).graph) for m in
+                  ("forward", "flow_forward", "flow_inverse", "trunk_rows", "heads")
+                  if hasattr(module, m)]
+        text = "\n".join(graphs)
+        assert graphs and 'prim::Constant[value="cpu"]' not in text, name
+        assert "mkldnn" not in text and "prepacked::" not in text, name
 
 
 def test_a_seed_draws_the_same_latent_whatever_the_device_setting(tmp_path):
