@@ -317,3 +317,27 @@ def test_the_config_key_is_the_default_and_the_option_overrides_it(tmp_path):
         train.main(argv)
     train.main([*argv, "--device", "cpu"])
     assert train.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 1
+
+
+def test_torchrun_on_cuda_joins_with_nccl_on_this_process_gpu(monkeypatch):
+    """What process_group does under torchrun with a CUDA device (the calls, not a real GPU)."""
+    calls: list = []
+    state = {"up": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(ddp.dist, "is_initialized", lambda: state["up"])
+
+    def init(backend, **kw):
+        calls.append(("init", backend))
+        state["up"] = True
+
+    monkeypatch.setattr(ddp.dist, "init_process_group", init)
+    monkeypatch.setattr(ddp.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    with ddp.process_group(torch.device("cuda", 1)):
+        pass
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl"), ("destroy",)]
+    calls.clear()
+    state["up"] = False
+    with ddp.process_group(torch.device("cpu")):
+        pass
+    assert calls == [("init", "gloo"), ("destroy",)]
