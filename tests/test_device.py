@@ -12,12 +12,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from daemon.cli import build_parser, config_from_args
+from daemon.config import ConfigError, load_config
 from engine import device as dev
 from engine import export
 from engine import tokens as tk
@@ -115,6 +117,10 @@ def test_daemon_option_and_config_key(tmp_path):
     assert config_from_args(build_parser().parse_args([]))["engine"]["device"] == "cpu"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--device", "gpu"])
+    user = tmp_path / "user.toml"
+    user.write_text('[engine]\ndevice = "gpu"\n')
+    with pytest.raises(ConfigError, match="engine.device"):
+        load_config(user)
 
 
 # ----------------------------------------------------------------------------- engine
@@ -220,7 +226,8 @@ def test_precision_by_device(monkeypatch):
     p = accel.Precision.choose(cuda, True)
     assert (p.device_type, p.dtype, p.scaler) == ("cuda", torch.bfloat16, None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.warns(UserWarning):  # GradScaler("cuda") on a machine without CUDA disables itself
+    with warnings.catch_warnings():  # GradScaler("cuda") without CUDA warns and disables itself
+        warnings.simplefilter("ignore", UserWarning)
         p = accel.Precision.choose(cuda, True)
     assert p.dtype == torch.float16 and isinstance(p.scaler, torch.amp.GradScaler)
     assert "fp16" in str(p) and "grad scaler" in str(p)
