@@ -171,6 +171,16 @@ class Subscriber:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def wait_subscribed(self, probe_topic: str, timeout: float = 10.0) -> None:
+        """Publish to ``probe_topic`` (one our filter matches) until it comes back: from then on
+        we are subscribed (mosquitto_sub says nothing when its SUBACK arrives)."""
+        async with asyncio.timeout(timeout):
+            k = 0
+            while not any(m.topic == probe_topic for m in self.messages):
+                await publish(self.broker, probe_topic, f"probe{k}")
+                k += 1
+                await asyncio.sleep(0.1)
+
     async def event(self, cid: Any, timeout: float = 5.0, start: int = 0) -> dict:
         """The ``events`` message that answers command id ``cid``."""
         msg = await self.wait_for(

@@ -60,14 +60,19 @@ async def test_retained_command_is_refused_not_replayed(broker: Broker) -> None:
     await publish(broker, s.topic("cmd"), '{"action": "tempo", "bpm": 150, "id": "ret"}',
                   retain=True)
     bridge = MqttBridge(s, stub)
-    async with Subscriber(broker, s.topic("events")) as sub, running(bridge):
-        event = await sub.event("ret")
-        assert event["ok"] is False and "retained" in event["error"]
-        # a live command published with the retain flag is refused too
-        await publish(broker, s.topic("cmd"), '{"action": "undo", "id": "ret2"}', retain=True)
-        assert "retained" in (await sub.event("ret2"))["error"]
-        await publish(broker, s.topic("cmd"), '{"action": "undo", "id": "live"}')
-        assert (await sub.event("live"))["ok"] is True
+    async with Subscriber(broker, s.topic("#")) as sub:
+        # the refusal goes out as soon as the bridge subscribes: we must be listening by then
+        # (an `events` subscriber started alongside the bridge missed it once)
+        await sub.wait_subscribed(s.topic("probe"))
+        async with running(bridge):
+            event = await sub.event("ret")
+            assert event["ok"] is False and "retained" in event["error"]
+            # a live command published with the retain flag is refused too
+            await publish(broker, s.topic("cmd"), '{"action": "undo", "id": "ret2"}',
+                          retain=True)
+            assert "retained" in (await sub.event("ret2"))["error"]
+            await publish(broker, s.topic("cmd"), '{"action": "undo", "id": "live"}')
+            assert (await sub.event("live"))["ok"] is True
     assert [c.action for c in stub.commands] == ["undo"] and stub.bpm == 120.0
 
 
