@@ -139,3 +139,15 @@ def test_a_cooldown_branch_resumes_a_constant_run_and_lowers_its_lr(tmp_path):
     saved = train.load_checkpoint(out / "ckpt.pt")
     assert saved["step"] == 6
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+
+
+def test_the_cooldown_branch_config_is_the_cpu_config_plus_a_cooldown():
+    root = Path(__file__).resolve().parents[1]
+    cpu = train.load_train_config(root / "configs/cpu.toml")
+    cool = train.load_train_config(root / "configs/sweep/cooldown.toml")
+    assert cool["model"] == cpu["model"]
+    keys = {"lr_cooldown_steps", "lr_cooldown_start", "lr_final"}
+    assert {k: v for k, v in cool["train"].items() if k not in keys} == \
+        {k: v for k, v in cpu["train"].items() if k not in keys}
+    assert cool["train"]["lr_cooldown_steps"] > 0 and cpu["train"]["lr_cooldown_steps"] == 0
+    assert train.lr_at(10**6, cool["train"]) == cool["train"]["lr_final"] < cpu["train"]["lr"]

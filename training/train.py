@@ -144,7 +144,7 @@ def lr_at(step: int, tcfg: dict) -> float:
     if steps <= 0:
         return tcfg["lr"]
     done = min(1.0, max(0.0, (step - tcfg.get("lr_cooldown_start", 0)) / steps))
-    return tcfg["lr"] + done * (tcfg.get("lr_final", tcfg["lr"]) - tcfg["lr"])
+    return (1.0 - done) * tcfg["lr"] + done * tcfg.get("lr_final", tcfg["lr"])
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
