@@ -46,6 +46,7 @@ from daemon.mqtt_wire import (
     dumps,
     id_and_action,
 )
+from daemon.safelog import Throttle
 from engine.tokens import STEPS_PER_BAR
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class MqttBridge:
         self.connected = asyncio.Event()  # set while a session is up (tests and health)
         self._state_dirty.set()  # the first snapshot goes out as soon as we run
         self._notifies = 0
+        # bad input is answered one by one on `events`, but logged one line per interval: a
+        # flood of bad or retained commands must not flood the log (issue 15, defect 9)
+        self._bad_input_log = Throttle(log)
 
     # ----- non-blocking API for the daemon -----
     def notify_state_changed(self) -> None:
@@ -237,7 +241,7 @@ class MqttBridge:
             return  # someone clearing a retained command: not a command itself
         self.stats.commands_received += 1
         self.stats.retained_refused += 1
-        log.warning("MQTT retained command refused: %s", clip(data))
+        self._bad_input_log.warning("MQTT retained command refused: %s", clip(data))
         self._error("retained commands are never run; publish commands without the retain flag "
                     "(and clear the retained one: publish an empty retained message to "
                     f"{self.cmd_topic})", *id_and_action(bytes(data), self.settings.max_payload))
@@ -250,7 +254,7 @@ class MqttBridge:
         try:  # size, UTF-8, JSON, fields: daemon.control validates, in one place for CC and MQTT
             command = self.parse(bytes(payload))  # type: ignore[misc]
         except ValueError as exc:  # CommandError: the message names the problem
-            log.info("MQTT cmd rejected (%s): %s", exc, clip(payload))
+            self._bad_input_log.log(logging.INFO, "MQTT cmd rejected (%s): %s", exc, clip(payload))
             self._error(str(exc), *id_and_action(bytes(payload), self.settings.max_payload))
             return
         cid, action = command.id, command.action

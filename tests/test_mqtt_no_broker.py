@@ -1,4 +1,5 @@
-"""Shutdown of the MQTT bridge when the broker drops us while we leave (no broker needed).
+"""The MQTT bridge without a broker: shutdown when the broker drops us while we leave, and the
+log under a flood of bad commands.
 
 CI hung here once: two daemons with one client id kick each other off, and when the broker
 dropped ours while its `async with aiomqtt.Client` was being left because of a cancellation,
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiomqtt
@@ -93,3 +96,19 @@ async def test_a_lost_connection_without_cancellation_still_reconnects(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert bridge.stats.connect_failures >= 2
+
+
+def test_a_flood_of_bad_commands_is_answered_each_but_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15, defect 9 for MQTT: every bad or retained command gets its error event, the log
+    one line per interval (the next line says how many were left out)."""
+    caplog.set_level(logging.INFO, logger="daemon.mqtt")
+    bridge = MqttBridge(MqttSettings(enabled=True, event_queue=1000).resolved(), StubDaemon())
+    for k in range(200):
+        bridge._on_message(f'{{"action": "fly", "id": {k}}}'.encode())
+        bridge._refuse_retained(f'{{"action": "undo", "id": "r{k}"}}'.encode())
+    events = [json.loads(e) for e in bridge._events]
+    assert len(events) == 400 and not any(e["ok"] for e in events)
+    assert {e["id"] for e in events} == set(range(200)) | {f"r{k}" for k in range(200)}
+    lines = [r for r in caplog.records if r.name == "daemon.mqtt"]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
