@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from engine import tokens as tk
 from tests.test_evaluate import write_cache
 from training import snapshot, train
 
@@ -151,3 +153,26 @@ def test_the_cooldown_branch_config_is_the_cpu_config_plus_a_cooldown():
         {k: v for k, v in cpu["train"].items() if k not in keys}
     assert cool["train"]["lr_cooldown_steps"] > 0 and cpu["train"]["lr_cooldown_steps"] == 0
     assert train.lr_at(10**6, cool["train"]) == cool["train"]["lr_final"] < cpu["train"]["lr"]
+
+
+def test_validation_means_are_the_float64_means_of_the_batch_figures():
+    """CPU validation figures stay what they were before the device setting (issue 16): float64
+    means of each batch's figures (float32 sums differed in the 7th digit)."""
+    from engine.model import CLSM, CLSMConfig
+
+    torch.manual_seed(0)
+    model = CLSM(CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16,
+                            d_flow=32)).eval()
+    valid = np.random.default_rng(0).integers(0, tk.N_SYMBOLS, (12, tk.SEQ_LEN))
+    torch.manual_seed(1)
+    got = train.validate(model, valid, seed=0, n_batches=4, batch=8, target_bars=[1, 2, 3, 4])
+    model.eval()
+    rng, want = np.random.default_rng(0), {}
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.from_numpy(valid[rng.integers(0, len(valid), size=8)].astype(np.int64))
+            start, length = train.sample_targets(rng, 8, [1, 2, 3, 4])
+            for k, v in model(x, start, length, beta=1.0)[1].items():
+                want[k] = want.get(k, 0.0) + float(v) / 4
+    assert got == want

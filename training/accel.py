@@ -81,7 +81,8 @@ class RunningParts:
 
     def add(self, parts: dict[str, torch.Tensor | float]) -> None:
         for key, value in parts.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else value
+            # float64 like the Python floats this replaced: CPU figures stay bit-identical
+            value = value.detach().double() if isinstance(value, torch.Tensor) else value
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 

@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    add_device_argument(p, default="auto")
+    add_device_argument(p, default="cpu")  # the shipped figures: CPU
     p.add_argument("--decoding", default="argmax",
                    help="player figures: argmax | temperature=T | top_p=P[,temperature=T]")
     p.add_argument("--plot", default=None, metavar="DIR", help="write the paper's Fig. 3b as PNGs")
