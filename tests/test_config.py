@@ -169,8 +169,9 @@ def test_mqtt_settings_from_the_cli_get_the_same_rules() -> None:
 def test_engine_decoding_reaches_the_engine(tmp_path):
     from daemon.serve import engine_spec
 
-    default = engine_spec(load_config(None)).options  # the measured default: top-p sampling
-    assert (default["temperature"], default["top_p"]) == (1.0, 0.9)
+    default = engine_spec(load_config(None)).options  # the measured default: sampling
+    shipped = load_config(None)["engine"]
+    assert (default["temperature"], default["top_p"]) == (shipped["temperature"], shipped["top_p"])
     user = tmp_path / "sample.toml"
     user.write_text('[engine]\ndecoding = "sample"\ntemperature = 0.9\ntop_p = 0.95\n')
     options = engine_spec(load_config(user)).options
