@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from daemon import rules
 from daemon.control import ACTIONS, Command, CommandError, parse_payload
 from daemon.mqtt_wire import DaemonLike, dumps, id_and_action
 from daemon.safelog import Throttle, show
@@ -259,6 +260,7 @@ class WebServer:
                            "hold": tk.HOLD, "steps_per_bar": tk.STEPS_PER_BAR, "bars": tk.N_BARS},
                 # slider ranges; the validator has the last word on every value
                 "limits": {"max_delta": config.get("control", {}).get("max_delta", 2.0),
+                           "bpm": list(rules.BPM_RANGE), "max_seed": rules.MAX_SEED,
                            "max_target_bars": tk.MAX_TARGET_BARS,
                            "interp_steps": config.get("daemon", {}).get("interp_steps", 8)}}
 

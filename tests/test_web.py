@@ -318,3 +318,17 @@ async def test_a_page_that_never_reads_is_dropped_and_blocks_no_one() -> None:
         # the loop was never held up by the stuck page: waiting on it would take its 0.5 s send
         # timeout; below that is this shared machine's scheduling (one 230 ms lag seen under load)
         assert max(lags) < 0.4, lags
+
+
+async def test_the_pages_ranges_are_the_validators(site: Site) -> None:
+    """The page's tempo and seed fields take their ranges from the server's rules: the ends
+    of what `hello` sends pass the validator, one step beyond does not."""
+    limits = site.server.hello()["limits"]
+    lo, hi = limits["bpm"]
+    async with site.page() as page:
+        for bpm, ok in ((lo, True), (hi, True), (hi + 1, False), (lo - 1, False)):
+            r = await page.ask({"action": "tempo", "bpm": bpm})
+            assert (r["type"] == "result") is ok, (bpm, r)
+        for seed, ok in ((limits["max_seed"], True), (limits["max_seed"] + 1, False)):
+            r = await page.ask({"action": "seed", "value": seed})
+            assert (r["type"] == "result") is ok, (seed, r)

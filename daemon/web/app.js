@@ -83,6 +83,8 @@ function onMessage(msg) {
   if (msg.type === "hello") {
     T = msg.tokens; limits = msg.limits;
     $("delta").max = limits.max_delta;
+    [$("bpm").min, $("bpm").max] = limits.bpm; // the validator's tempo rule (daemon/rules.py)
+    $("seed").max = limits.max_seed;
     fillSelect($("first_bar"), 1, T.bars);
     fillSelect($("bars"), 1, limits.max_target_bars);
   } else if (msg.type === "state") {
