@@ -53,6 +53,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MqttBridge", "MqttSettings", "add_arguments", "BridgeStats", "DaemonLike"]
 
+async def _cancel_until_done(tasks: list[asyncio.Task], every_s: float = 0.2) -> None:
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+
+
 @dataclass(eq=False)
 class MqttBridge:
     """Connects the daemon to a broker. Run ``run()`` as a task in the daemon's TaskGroup."""
@@ -82,9 +90,10 @@ class MqttBridge:
         self.connected = asyncio.Event()  # set while a session is up (tests and health)
         self._state_dirty.set()  # the first snapshot goes out as soon as we run
         self._notifies = 0
+        self._stopping = False
         # bad input is answered one by one on `events`, but logged one line per interval: a
         # flood of bad or retained commands must not flood the log (issue 15, defect 9)
-        self._bad_input_log = Throttle(log)
+        self._rejected_log, self._retained_log = Throttle(log), Throttle(log)
 
     # ----- non-blocking API for the daemon -----
     def notify_state_changed(self) -> None:
@@ -111,11 +120,19 @@ class MqttBridge:
 
     # ----- the task -----
     async def run(self) -> None:
-        """Serve until cancelled. Broker trouble is logged and retried, never raised."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._command_loop(), name="mqtt-commands")
-            tg.create_task(self._state_loop(), name="mqtt-state")
-            tg.create_task(self._connection_loop(), name="mqtt-connection")
+        """Serve until cancelled. Broker trouble is logged and retried, never raised.
+
+        The stop is level-triggered (cancelled again until they end): on Python 3.11 a cancel
+        that lands while a session's TaskGroup is already aborting (the broker dropped us at
+        that moment) is swallowed by it, and the connection loop would reconnect for ever."""
+        tasks = [asyncio.create_task(self._command_loop(), name="mqtt-commands"),
+                 asyncio.create_task(self._state_loop(), name="mqtt-state"),
+                 asyncio.create_task(self._connection_loop(), name="mqtt-connection")]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            self._stopping = True  # no reconnect once the stop has begun, even if a cancel is lost
+            await _cancel_until_done(tasks)
 
     def _client(self) -> aiomqtt.Client:
         return make_client(self.settings, self.status_topic, self._overflow)
@@ -138,7 +155,7 @@ class MqttBridge:
     async def _connection_loop(self) -> None:
         attempt = 0
         watch = TakeoverWatch(self.settings.client_id)
-        while True:
+        while not self._stopping:
             lost: list[BaseException] = []
             self._session_start: float | None = None
             cancelled = False
@@ -160,7 +177,7 @@ class MqttBridge:
                 log.exception("MQTT session failed")
             finally:
                 self.connected.clear()
-            if cancelled:
+            if cancelled or self._stopping:
                 # we were cancelled, but leaving aiomqtt's `async with` raised an MqttError (the
                 # broker dropped us meanwhile) that replaced the CancelledError: a reconnect here
                 # would keep the daemon's shutdown waiting for ever. (Not task.cancelling(): on
@@ -241,7 +258,7 @@ class MqttBridge:
             return  # someone clearing a retained command: not a command itself
         self.stats.commands_received += 1
         self.stats.retained_refused += 1
-        self._bad_input_log.warning("MQTT retained command refused: %s", clip(data))
+        self._retained_log.warning("MQTT retained command refused: %s", clip(data))
         self._error("retained commands are never run; publish commands without the retain flag "
                     "(and clear the retained one: publish an empty retained message to "
                     f"{self.cmd_topic})", *id_and_action(bytes(data), self.settings.max_payload))
@@ -254,7 +271,7 @@ class MqttBridge:
         try:  # size, UTF-8, JSON, fields: daemon.control validates, in one place for CC and MQTT
             command = self.parse(bytes(payload))  # type: ignore[misc]
         except ValueError as exc:  # CommandError: the message names the problem
-            self._bad_input_log.log(logging.INFO, "MQTT cmd rejected (%s): %s", exc, clip(payload))
+            self._rejected_log.log(logging.INFO, "MQTT cmd rejected (%s): %s", exc, clip(payload))
             self._error(str(exc), *id_and_action(bytes(payload), self.settings.max_payload))
             return
         cid, action = command.id, command.action
