@@ -2,7 +2,8 @@
 
 A test client plays into `<port>-in`, steers with CCs and records `<port>-out`. Steps of the
 output are read off the MIDI clock itself (the daemon's clock out, or the test's own ticks),
-so "on the grid" is checked by order, not by wall-clock times.
+so "on the grid" is checked by order, not by wall-clock times (the external-clock test falls back
+to its ticks' send times when the recorder lost ticks to a JACK xrun).
 """
 
 from __future__ import annotations

@@ -176,3 +176,17 @@ def test_validation_means_are_the_float64_means_of_the_batch_figures():
             for k, v in model(x, start, length, beta=1.0)[1].items():
                 want[k] = want.get(k, 0.0) + float(v) / 4
     assert got == want
+
+
+def test_resuming_a_cooldown_config_away_from_its_start_warns(tmp_path, caplog):
+    data = write_cache(tmp_path / "w.npz")
+    config = tiny_config(tmp_path / "tiny.toml")
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--quiet", "--threads", "1"]
+    train.main(["--config", str(config), *argv, "--max-steps", "2"])
+    cooldown = tmp_path / "cooldown.toml"  # a start left at an older step: the lr jumps down
+    cooldown.write_text(config.read_text() + "lr_cooldown_start = 1\nlr_cooldown_steps = 1\n")
+    caplog.set_level("WARNING", logger="training.train")
+    train.main(["--config", str(cooldown), *argv, "--max-steps", "3", "--resume"])
+    assert any("lr cooldown from step 1" in r.getMessage() and "starts at step 2" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -278,6 +278,11 @@ def train(args: argparse.Namespace) -> Path:
             # process count is allowed, so the old streams cannot simply continue.
             rng = np.random.default_rng([tcfg["seed"], step, ddp.rank()])
             log.info("resumed from %s at step %d", resume, step)
+        if tcfg.get("lr_cooldown_steps", 0) > 0 and step != tcfg.get("lr_cooldown_start", 0):
+            # a branch starts at lr_cooldown_start; resuming elsewhere jumps into (or past) it
+            log.warning("lr cooldown from step %d, but this run starts at step %d: lr %.3g "
+                        "(set [train] lr_cooldown_start to the resumed step for a new branch)",
+                        tcfg.get("lr_cooldown_start", 0), step, lr_at(step, tcfg))
         model = ddp.wrap(model.to(device))  # on its device before the optimiser sees it
         opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
         if ckpt is not None:
