@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MqttBridge", "MqttSettings", "add_arguments", "BridgeStats", "DaemonLike"]
 
+
 async def _cancel_until_done(tasks: list[asyncio.Task], every_s: float = 0.2) -> None:
     pending = {t for t in tasks if not t.done()}
     while pending:
@@ -178,10 +179,9 @@ class MqttBridge:
             finally:
                 self.connected.clear()
             if cancelled or self._stopping:
-                # we were cancelled, but leaving aiomqtt's `async with` raised an MqttError (the
-                # broker dropped us meanwhile) that replaced the CancelledError: a reconnect here
-                # would keep the daemon's shutdown waiting for ever. (Not task.cancelling(): on
-                # Python 3.11 a TaskGroup whose child fails during its exit leaves it raised.)
+                # cancelled, but leaving aiomqtt's `async with` raised an MqttError (a drop) that
+                # replaced the CancelledError: a reconnect would hang the shutdown. (Not
+                # task.cancelling(): a 3.11 TaskGroup whose child fails in its exit leaves it up.)
                 raise asyncio.CancelledError
             lasted = None if self._session_start is None else time.monotonic() - self._session_start
             if lost and watch.session_ended(lasted, disconnect_reason(lost), self.stats):
