@@ -74,8 +74,9 @@ def test_docs_name_no_machine_paths(doc: str) -> None:
 
 
 def test_the_path_check_tells_machine_paths_from_relative_and_system_ones() -> None:
-    assert machine_paths("data in /work/shared/data/pop909 and /home/me/x") == [
-        "/work/shared", "/home/me"]
+    # made-up paths of other machines (a USB stick, a Mac home), not this one's
+    assert machine_paths("data in /mnt/usb/data/pop909 and /Users/me/x") == [
+        "/mnt/usb", "/Users/me"]
     assert machine_paths("`../shared/SPEC.md`, /usr/bin/chromium, runs/clsm/ckpt.pt") == []
 
 
