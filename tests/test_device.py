@@ -27,7 +27,7 @@ from engine.model import CLSM
 from engine.runtime import Engine, EngineError
 from tests.test_evaluate import TINY_CLSM, TINY_LM, TINY_VAE, write_cache
 from tests.test_export import export_tiny
-from tests.test_train import tiny_config
+from tests.test_train import tiny_config, tiny_run
 from training import accel, baselines, train
 from training import distributed as ddp
 from training.baselines import PaperVAE, TransformerLM
@@ -264,11 +264,7 @@ def test_reads_back_once_a_logging_interval(tmp_path):
 
 
 def test_checkpoint_loads_onto_another_device_and_resumes_there(tmp_path):
-    data = write_cache(tmp_path / "w.npz")
-    config = tiny_config(tmp_path / "tiny.toml")
-    out = tmp_path / "run"
-    argv = ["--config", str(config), "--data", str(data), "--out", str(out), "--quiet",
-            "--threads", "1"]
+    argv, out = tiny_run(tmp_path)
     train.main([*argv, "--max-steps", "2", "--device", "cpu"])
     target = dev.resolve_device("auto")
     ckpt = train.load_checkpoint(out / "ckpt.pt", map_location=target)

@@ -34,12 +34,17 @@ bf16 = false
     return path
 
 
-def test_train_checkpoints_and_resumes(tmp_path):
+def tiny_run(tmp_path: Path) -> tuple[list[str], Path]:
+    """training.train arguments for the tiny config on a small cache, and the run folder."""
     data = write_cache(tmp_path / "w.npz")
     config = tiny_config(tmp_path / "tiny.toml")
     out = tmp_path / "run"
-    argv = ["--config", str(config), "--data", str(data), "--out", str(out), "--quiet",
-            "--threads", "1"]
+    return ["--config", str(config), "--data", str(data), "--out", str(out), "--quiet",
+            "--threads", "1"], out
+
+
+def test_train_checkpoints_and_resumes(tmp_path):
+    argv, out = tiny_run(tmp_path)
     train.main([*argv, "--max-steps", "3"])
     ckpt = train.load_checkpoint(out / "ckpt.pt")  # weights_only=True
     assert ckpt["step"] == 3 and ckpt["model_args"]["d_z"] == 16
