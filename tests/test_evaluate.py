@@ -61,7 +61,8 @@ def run_json(capsys, argv: list[str]) -> dict:
 
 PAPER_FIELDS = ("recon_acc", "prior_sample_acc", "R2", "R4", "R8", "lm_nll")
 PLAYER_FIELDS = ("onset_rate", "hold_share", "rest_share", "pc_fit", "pc_overlap",
-                 "rerolls_distinct", "rerolls_distance", "interp_distinct", "interp_distinct_argmax",
+                 "rerolls_distinct", "rerolls_distance", "rerolls_ge15", "interp_distinct",
+                 "interp_distinct_argmax",
                  "vary_change_0.5", "vary_change_1.0", "vary_ge15_1.0")
 
 

@@ -12,6 +12,7 @@ from training.metrics import (
     mean_pairwise_distance,
     path_ratio,
     pitch_class_fit,
+    share_of_pairs_apart,
     subsample_path,
     token_accuracy,
     token_shares,
@@ -100,3 +101,7 @@ def test_diversity_and_change():
     assert distinct(rolls) == 2
     assert mean_pairwise_distance(rolls) == pytest.approx((0 + 0.25 + 0.25) / 3)
     assert changed_share([1, 2, 3, 4], [1, 2, 0, 0]) == 0.5
+    # pairs apart by 0, 0.25, 0.25 of their tokens: one in three is under 15%, none reaches 30%
+    assert share_of_pairs_apart(rolls, 0.15) == pytest.approx(2 / 3)
+    assert share_of_pairs_apart(rolls, 0.30) == 0.0
+    assert share_of_pairs_apart(rolls[:1], 0.15) == 0.0

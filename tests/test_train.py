@@ -159,6 +159,22 @@ def test_the_cooldown_branch_config_is_the_cpu_config_plus_a_cooldown():
     assert cool["train"]["lr_cooldown_steps"] > 0 and cpu["train"]["lr_cooldown_steps"] == 0
     assert train.lr_at(10**6, cool["train"]) == cool["train"]["lr_final"] < cpu["train"]["lr"]
 
+@pytest.mark.parametrize("beta", ["0.004", "0.016"])
+def test_the_beta_grid_branches_differ_from_the_cooldown_branch_in_beta_only(beta):
+    """The beta-grid branches compare with the cooldown branch at equal steps: same model,
+    batches and lr schedule; beta held at the grid value from the branch's first step."""
+    root = Path(__file__).resolve().parents[1]
+    cool = train.load_train_config(root / "configs/sweep/cooldown.toml")
+    grid = train.load_train_config(root / f"configs/sweep/beta{beta}-cooldown.toml")
+    assert grid["model"] == cool["model"]
+    keys = {"beta_kl", "beta_anneal_steps", "lr_cooldown_start"}
+    assert {k: v for k, v in grid["train"].items() if k not in keys} == \
+        {k: v for k, v in cool["train"].items() if k not in keys}
+    start = grid["train"]["lr_cooldown_start"]
+    assert train.beta_at(start, grid["train"]) == train.beta_at(start + 3000, grid["train"]) \
+        == float(beta)
+
+
 
 def test_validation_means_are_the_float64_means_of_the_batch_figures():
     """CPU validation figures stay what they were before the device setting (issue 16): float64

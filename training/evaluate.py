@@ -24,6 +24,8 @@ What a player hears (the --decoding rule, i.e. the daemon's):
 - pc_fit: share of their onsets whose pitch class sounds in the context; pc_overlap: the
   duration-weighted pitch-class histogram overlap with the context (1 = same distribution);
 - rerolls_distinct (of 8) and rerolls_distance (mean share of differing tokens over pairs);
+  rerolls_ge15: share of re-roll pairs that differ in >= 15% of tokens (two independent prior
+  draws: about the ceiling for vary_ge15_1.0, whose move in w, d sd, is 1/sqrt(2) of theirs);
 - interp_distinct: distinct sequences among the nine interpolation points; interp_distinct_argmax:
   the same, argmax. Sampling shares one noise draw per window among re-rolls, interpolation
   and variations, as the engine does (its noise depends on the context only): only z moves;
@@ -200,6 +202,7 @@ def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, len
     for i in range(B):
         t.add("rerolls_distinct", metrics.distinct(rolls[:, i].tolist()))
         t.add("rerolls_distance", metrics.mean_pairwise_distance(rolls[:, i].tolist()))
+        t.add("rerolls_ge15", metrics.share_of_pairs_apart(rolls[:, i].tolist(), 0.15))
     if decoding.sampling:
         shared = noise[0].repeat(K_INTERP + 1, 1, 1)
         player_path = m.decode(xs, z_path, start, length, decoding, shared).view(K_INTERP + 1, B, length)
@@ -299,7 +302,8 @@ TABLE = [("acc", "recon_acc"), ("prior_acc", "prior_sample_acc"), ("R2", "R2"), 
          ("R8", "R8"), ("nll", "lm_nll"), ("onset", "onset_rate"), ("hold", "hold_share"),
          ("rest", "rest_share"), ("pc_fit", "pc_fit"), ("pc_ovl", "pc_overlap"),
          ("rolls/8", "rerolls_distinct"), ("interp/9", "interp_distinct"),
-         ("var1.0", "vary_change_1.0"), ("var>=15%", "vary_ge15_1.0")]
+         ("var1.0", "vary_change_1.0"), ("var>=15%", "vary_ge15_1.0"),
+         ("roll>=15%", "rerolls_ge15")]
 
 
 def format_table(result: dict) -> str:

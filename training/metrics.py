@@ -138,6 +138,16 @@ def mean_pairwise_distance(sequences: Sequence[Sequence[int]]) -> float:
     return float(np.mean([(arr[i] != arr[j]).mean() for i, j in pairs]))
 
 
+def share_of_pairs_apart(sequences: Sequence[Sequence[int]], at_least: float) -> float:
+    """Share of all pairs of equal-length sequences that differ in at least that share of tokens:
+    for independent re-rolls, the most a variation (a smaller move in w) is likely to reach."""
+    arr = np.asarray(sequences)
+    pairs = list(combinations(range(len(arr)), 2))
+    if not pairs:
+        return 0.0
+    return float(np.mean([(arr[i] != arr[j]).mean() >= at_least for i, j in pairs]))
+
+
 def changed_share(parent: Sequence[int], child: Sequence[int]) -> float:
     """Share of tokens of a variation that differ from its parent."""
     return float((np.asarray(parent) != np.asarray(child)).mean())
