@@ -274,3 +274,43 @@ def test_choose_decoding_ranks_saved_results(tmp_path, tiny_files, capsys):
     assert "closest to real data:" in text and "argmax" in text and "temperature=1.5" in text
     rows = choose_decoding.compare([json.loads(Path(f).read_text()) for f in files])
     assert (rows[0]["missed"], rows[0]["score"]) <= (rows[1]["missed"], rows[1]["score"])
+
+
+def saved_result(models: dict[str, float], decoding: str = "argmax") -> dict:
+    """A saved evaluation with one figure (recon_acc) per model, data set and case."""
+    cases = lambda acc: {ds: {case: {"recon_acc": acc} for case in evaluate.CASES}  # noqa: E731
+                         for ds in ("pop909", "nottingham")}
+    return {"settings": {"data": "cache/windows.npz", "split": "test", "n_per_set": 128,
+                         "batch": 8, "seed": 0, "decoding": decoding},
+            "reference": cases(None),
+            "models": {name: {"kind": "clsm", "path": name, "results": cases(acc)}
+                       for name, acc in models.items()}}
+
+
+def test_saved_results_with_the_same_settings_share_one_table(tmp_path, capsys):
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(saved_result({"branch-a": 0.5, "vae-g0.4": 0.4})))
+    b.write_text(json.dumps(saved_result({"branch-b": 0.6, "vae-g0.4": 0.4, "branch-a": 0.7})))
+    merged = run_json(capsys, ["--from", str(a), "--from", str(b)])
+    # the baseline evaluated beside both branches is one row; a different model of a taken
+    # name keeps its figures under a new name
+    assert list(merged["models"]) == ["branch-a", "vae-g0.4", "branch-b", "branch-a-2"]
+    assert merged["models"]["branch-a-2"]["results"]["pop909"]["left"]["recon_acc"] == 0.7
+    evaluate.main(["--from", str(a), "--from", str(b), "--markdown"])
+    table = capsys.readouterr().out
+    assert table.count("| vae-g0.4 |") == 4 and table.count("| branch-a-2 |") == 4
+
+
+def test_saved_results_with_other_settings_are_refused_by_name(tmp_path, capsys):
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(saved_result({"branch-a": 0.5})))
+    b.write_text(json.dumps(saved_result({"branch-b": 0.6}, decoding="temperature=1")))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--from", str(a), "--from", str(b)])
+    assert e.value.code == 2
+    assert "decoding 'argmax' vs 'temperature=1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--from", str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def test_the_cooldown_branch_config_is_the_cpu_config_plus_a_cooldown():
     assert cool["train"]["lr_cooldown_steps"] > 0 and cpu["train"]["lr_cooldown_steps"] == 0
     assert train.lr_at(10**6, cool["train"]) == cool["train"]["lr_final"] < cpu["train"]["lr"]
 
-@pytest.mark.parametrize("beta", ["0.004", "0.016"])
+@pytest.mark.parametrize("beta", ["0.002", "0.004", "0.016"])
 def test_the_beta_grid_branches_differ_from_the_cooldown_branch_in_beta_only(beta):
     """The beta-grid branches compare with the cooldown branch at equal steps: same model,
     batches and lr schedule; beta held at the grid value from the branch's first step."""

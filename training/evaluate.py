@@ -291,6 +291,28 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+# Settings that make two results' figures comparable (the same windows, draws and decoding).
+SAME_SETTINGS = ("data", "split", "n_per_set", "batch", "seed", "decoding")
+
+
+def merge_results(results: list[dict]) -> dict:
+    """One result with the models of several saved ones: a model already there with the same
+    figures (a baseline evaluated beside each checkpoint) is kept once, another of the same name
+    is renamed. Results whose settings differ in SAME_SETTINGS are refused."""
+    merged = {**results[0], "models": dict(results[0]["models"])}
+    for other in results[1:]:
+        differ = [k for k in SAME_SETTINGS if other["settings"].get(k) != merged["settings"].get(k)]
+        if differ:
+            raise ValueError("results with different settings cannot share a table: "
+                             + ", ".join(f"{k} {merged['settings'].get(k)!r} vs "
+                                         f"{other['settings'].get(k)!r}" for k in differ))
+        for name, entry in other["models"].items():
+            if merged["models"].get(name, {}).get("results") == entry["results"]:
+                continue
+            merged["models"][unique_name(name, merged["models"])] = entry
+    return merged
+
+
 def unique_name(name: str, taken: dict) -> str:
     k, out = 2, name
     while out in taken:
@@ -341,8 +363,9 @@ def format_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--from", dest="from_json", default=None, metavar="FILE.json",
-                   help="print (and plot) a saved result instead of evaluating")
+    p.add_argument("--from", dest="from_json", action="append", default=[], metavar="FILE.json",
+                   help="print (and plot) a saved result instead of evaluating; repeat to put "
+                        "the models of results with the same settings in one table")
     p.add_argument("--checkpoint", action="append", default=[],
                    help="CLSM checkpoint or model folder (repeat for several)")
     p.add_argument("--baseline", action="append", default=[], help="paper-VAE checkpoint (repeatable)")
@@ -368,7 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.from_json and (not args.checkpoint or not args.data):
         p.error("--checkpoint and --data are required (or --from a saved result)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    result = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    if args.from_json:
+        try:
+            result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    else:
+        result = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
