@@ -281,7 +281,8 @@ def saved_result(models: dict[str, float], decoding: str = "argmax") -> dict:
     cases = lambda acc: {ds: {case: {"recon_acc": acc} for case in evaluate.CASES}  # noqa: E731
                          for ds in ("pop909", "nottingham")}
     return {"settings": {"data": "cache/windows.npz", "split": "test", "n_per_set": 128,
-                         "batch": 8, "seed": 0, "decoding": decoding},
+                         "batch": 8, "seed": 0, "decoding": decoding,
+                         "checkpoints": [f"{next(iter(models))[-1]}.pt"]},
             "reference": cases(None),
             "models": {name: {"kind": "clsm", "path": name, "results": cases(acc)}
                        for name, acc in models.items()}}
@@ -297,6 +298,7 @@ def test_saved_results_with_the_same_settings_share_one_table(tmp_path, capsys):
     # name keeps its figures under a new name
     assert list(merged["models"]) == ["branch-a", "vae-g0.4", "branch-b", "branch-a-2"]
     assert merged["models"]["branch-a-2"]["results"]["pop909"]["left"]["recon_acc"] == 0.7
+    assert merged["settings"]["checkpoints"] == ["a.pt", "b.pt"]
     evaluate.main(["--from", str(a), "--from", str(b), "--markdown"])
     table = capsys.readouterr().out
     assert table.count("| vae-g0.4 |") == 4 and table.count("| branch-a-2 |") == 4
@@ -314,3 +316,9 @@ def test_saved_results_with_other_settings_are_refused_by_name(tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate.main(["--from", str(tmp_path / "missing.json")])
     assert "missing.json" in capsys.readouterr().err
+    for i, text in enumerate(['{"models": {}}', "[1, 2]", "{not json"]):
+        wrong = tmp_path / f"wrong{i}.json"
+        wrong.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--from", str(a), "--from", str(wrong)])
+        assert e.value.code == 2 and f"wrong{i}.json" in capsys.readouterr().err

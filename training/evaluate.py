@@ -299,7 +299,8 @@ def merge_results(results: list[dict]) -> dict:
     """One result with the models of several saved ones: a model already there with the same
     figures (a baseline evaluated beside each checkpoint) is kept once, another of the same name
     is renamed. Results whose settings differ in SAME_SETTINGS are refused."""
-    merged = {**results[0], "models": dict(results[0]["models"])}
+    merged = {**results[0], "models": dict(results[0]["models"]),
+              "settings": dict(results[0]["settings"])}
     for other in results[1:]:
         differ = [k for k in SAME_SETTINGS if other["settings"].get(k) != merged["settings"].get(k)]
         if differ:
@@ -310,7 +311,21 @@ def merge_results(results: list[dict]) -> dict:
             if merged["models"].get(name, {}).get("results") == entry["results"]:
                 continue
             merged["models"][unique_name(name, merged["models"])] = entry
+        for key in ("checkpoints", "baselines"):  # where every row came from
+            merged["settings"][key] = [*merged["settings"].get(key, []),
+                                       *other["settings"].get(key, [])]
     return merged
+
+
+def load_saved(path: str) -> dict:
+    """A result saved by --out; anything else is refused with the file's name."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(result, dict) or not {"settings", "reference", "models"} <= result.keys():
+        raise ValueError(f"{path}: not a saved evaluation (no settings, reference and models)")
+    return result
 
 
 def unique_name(name: str, taken: dict) -> str:
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.from_json:
         try:
-            result = merge_results([json.loads(Path(f).read_text()) for f in args.from_json])
+            result = merge_results([load_saved(f) for f in args.from_json])
         except (OSError, ValueError) as e:
             p.error(str(e))
     else:
