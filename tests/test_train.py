@@ -176,6 +176,18 @@ def test_the_beta_grid_branches_differ_from_the_cooldown_branch_in_beta_only(bet
 
 
 
+def test_the_low_beta_run_config_is_the_cpu_config_with_beta_held_at_0_002():
+    root = Path(__file__).resolve().parents[1]
+    cpu = train.load_train_config(root / "configs/cpu.toml")
+    low = train.load_train_config(root / "configs/cpu-beta0.002.toml")
+    assert low["model"] == cpu["model"]
+    keys = {"beta_kl", "beta_anneal_steps"}
+    assert {k: v for k, v in low["train"].items() if k not in keys} == \
+        {k: v for k, v in cpu["train"].items() if k not in keys}
+    # the run resumed at 20,710 (session 7) is past the anneal: beta 0.002 from its first step
+    assert train.beta_at(20710, low["train"]) == 0.002 < train.beta_at(20710, cpu["train"])
+
+
 def test_validation_means_are_the_float64_means_of_the_batch_figures():
     """CPU validation figures stay what they were before the device setting (issue 16): float64
     means of each batch's figures (float32 sums differed in the 7th digit)."""
