@@ -5,19 +5,22 @@
 # (sampling at temperature 1.0), beside the shipped model. The JSON files land in
 # docs/eval/beta-grid; print one with
 #   python -m training.evaluate --from docs/eval/beta-grid/t1-beta0.004.json --markdown
-#   STATE=checkpoints/clsm-cpu.pt scripts/beta_grid.sh [BRANCH ...]
+#   [STATE=runs/clsm-cpu-20710.pt] scripts/beta_grid.sh [BRANCH ...]
 # BRANCH: cooldown (the run's own annealed beta, 0.0083 -> 0.0095 over the branch), beta0.002,
 # beta0.004, beta0.016 (configs/sweep/<branch>-cooldown.toml); default all four. STATE must be
 # the step-20,710 state the configs start their cooldown at: checkpoints/clsm-cpu.pt of commit
-# 6ac0c70 (`git show 6ac0c70:checkpoints/clsm-cpu.pt > runs/clsm-cpu-20710.pt`). A branch whose
-# runs/<branch>-23710.pt exists is evaluated, not trained again.
+# 6ac0c70, taken from git when runs/clsm-cpu-20710.pt is missing (the committed run has moved
+# on since). A branch whose runs/<branch>-23710.pt exists is evaluated, not trained again.
 set -eu
 cd "$(dirname "$0")/.."
-STATE=${STATE:-checkpoints/clsm-cpu.pt}
 PY=.venv/bin/python
 OUT=docs/eval/beta-grid
 EVAL="--data cache/windows.npz --split test --n 128 --batch 8 --seed 0 --threads 1"
 mkdir -p "$OUT" runs
+if [ -z "${STATE:-}" ]; then
+    STATE=runs/clsm-cpu-20710.pt
+    [ -f "$STATE" ] || git show 6ac0c70:checkpoints/clsm-cpu.pt > "$STATE"
+fi
 
 train_branch() {  # $1 = branch name
     local config=configs/sweep/$1-cooldown.toml
