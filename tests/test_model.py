@@ -118,6 +118,36 @@ def test_loss_falls_on_a_tiny_dataset():
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
+def test_beta_moves_the_encoder_but_not_the_priors_adam_step():
+    """Why the beta grid already covers KL balancing (configs/cpu-beta0.0005.toml): the prior and
+    flow share no parameter with the encoder or decoder and learn from the KL term alone, so Adam
+    (which divides by the gradient's scale) takes the same step for them at any beta, up to its
+    eps; beta only sets how hard the encoder is pulled towards the prior."""
+    def one_adam_step(beta: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = CLSM(TINY)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        torch.manual_seed(1)  # the same z sample for both betas
+        loss, _ = model(random_tokens(8, seed=3), torch.tensor([16] * 8), 32, beta=beta)
+        loss.backward()
+        grads = {k: v.grad.detach().clone() for k, v in model.named_parameters()}
+        opt.step()
+        return {k: v.detach() - before[k] for k, v in model.named_parameters()}, grads
+
+    (high, grad), (low, _) = one_adam_step(1.0), one_adam_step(0.25)
+    prior = [k for k in high if k.startswith("prior.")]
+    encoder = [k for k in high if k.startswith("encoder.")]
+    assert prior and encoder
+    for k in prior:
+        # where the gradient is far above Adam's eps (1e-8): this random model also has
+        # gradients of 1e-13 (an attention key bias, exactly 0 but for rounding)
+        real = grad[k].abs() > 1e-5
+        torch.testing.assert_close(high[k][real], low[k][real], atol=1e-5, rtol=0.0)  # lr 1e-3
+    moved = max((high[k] - low[k]).abs().max().item() for k in encoder)
+    assert moved > 1e-4, moved  # the encoder's step is not the same: beta changed its balance
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     from training.train import load_checkpoint, save_checkpoint
 

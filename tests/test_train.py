@@ -176,16 +176,18 @@ def test_the_beta_grid_branches_differ_from_the_cooldown_branch_in_beta_only(bet
 
 
 
-def test_the_low_beta_run_config_is_the_cpu_config_with_beta_held_at_0_002():
+@pytest.mark.parametrize("name, beta, resumed_at", [("cpu-beta0.002", 0.002, 20710),
+                                                     ("cpu-beta0.0005", 0.0005, 25500)])
+def test_the_low_beta_run_configs_are_the_cpu_config_with_beta_held_low(name, beta, resumed_at):
     root = Path(__file__).resolve().parents[1]
     cpu = train.load_train_config(root / "configs/cpu.toml")
-    low = train.load_train_config(root / "configs/cpu-beta0.002.toml")
+    low = train.load_train_config(root / f"configs/{name}.toml")
     assert low["model"] == cpu["model"]
     keys = {"beta_kl", "beta_anneal_steps"}
     assert {k: v for k, v in low["train"].items() if k not in keys} == \
         {k: v for k, v in cpu["train"].items() if k not in keys}
-    # the run resumed at 20,710 (session 7) is past the anneal: beta 0.002 from its first step
-    assert train.beta_at(20710, low["train"]) == 0.002 < train.beta_at(20710, cpu["train"])
+    # the run resumed with it (sessions 7 and 8) is past the anneal: beta held from its first step
+    assert train.beta_at(resumed_at, low["train"]) == beta < train.beta_at(resumed_at, cpu["train"])
 
 
 def test_validation_means_are_the_float64_means_of_the_batch_figures():
@@ -223,3 +225,26 @@ def test_resuming_a_cooldown_config_away_from_its_start_warns(tmp_path, caplog):
     train.main(["--config", str(cooldown), *argv, "--max-steps", "3", "--resume"])
     assert any("lr cooldown from step 1" in r.getMessage() and "starts at step 2" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_adam_scale_reads_each_parts_gradient_rms_from_the_optimiser_state():
+    from engine.model import CLSM, CLSMConfig
+    from training.adam_scale import adam_scale
+
+    torch.manual_seed(0)
+    model = CLSM(CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16,
+                            d_flow=32))
+    opt = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state
+    rms = {"encoder.": 3e-9, "prior.": 5e-8, "decoder.": 1e-3}
+    for i, (name, _) in enumerate(model.named_parameters()):
+        opt.state_dict()["state"][i]["exp_avg_sq"].fill_(rms[name[:name.index(".") + 1]] ** 2)
+    ckpt = {"model": model.state_dict(), "model_args": model.model_args(),
+            "optimizer": opt.state_dict()}
+    got = adam_scale(ckpt)
+    assert got["encoder"]["share_below_1e-8"] == 1.0
+    assert got["prior"]["share_below_1e-8"] == 0.0 and got["prior"]["share_below_1e-7"] == 1.0
+    assert got["decoder"]["share_below_1e-7"] == 0.0
+    assert got["prior"]["median_rms"] == pytest.approx(5e-8, rel=1e-5)

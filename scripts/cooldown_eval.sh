@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A cooldown branch of the constant-lr run from any saved state, evaluated like the beta grid
+# (issue 10): the lr falls from 5e-4 to 2.5e-5 over STEPS steps from the state's own step, with
+# the config the run goes on with (beta held at 0.002 since step 20,710), then the branch is
+# evaluated on the test split with the paper's argmax (against the VAE at gamma 0.4, scored by
+# the LM) and with the daemon's decoding (temperature 1.0), one core each. Compare with the
+# shipped model's figures:
+#   python -m training.evaluate --from docs/eval/NAME/argmax.json \
+#       --from docs/eval/beta-grid/argmax-beta0.002.json --markdown
+#   scripts/cooldown_eval.sh STATE NAME [STEPS=3000] [BETA]
+# STATE: a resumable checkpoint (checkpoints/clsm-cpu.pt, or a copy of runs/clsm-cpu/ckpt.pt);
+# the branch trains into runs/NAME (its final state copied to runs/NAME.pt, a branch that
+# exists is evaluated, not trained again) and the JSON lands in docs/eval/NAME/. BETA replaces
+# the config's beta_kl (0.002) from the branch's first step, as the beta grid's branches did.
+set -eu
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-}
+CONFIG=configs/cpu-beta0.002.toml
+PY=.venv/bin/python
+OUT=docs/eval/$NAME
+EVAL="--data cache/windows.npz --split test --n 128 --batch 8 --seed 0 --threads 1"
+mkdir -p "$OUT" runs
+
+if [ ! -f "runs/$NAME.pt" ]; then
+    START=$($PY -c "import sys, torch; print(torch.load(sys.argv[1], map_location='cpu', \
+weights_only=False)['step'])" "$STATE")
+    BRANCH_CONFIG=runs/$NAME.toml
+    # the run's config with a cooldown that starts at the state's step
+    $PY - "$CONFIG" "$START" "$STEPS" "$BETA" > "$BRANCH_CONFIG" <<'EOF'
+import json
+import sys
+import tomllib
+
+config, start, steps, beta = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+with open(config, "rb") as f:
+    cfg = tomllib.load(f)
+cfg["train"].update(lr_cooldown_steps=steps, lr_cooldown_start=start, lr_final=2.5e-5)
+if beta:  # held from the branch's first step
+    cfg["train"].update(beta_kl=float(beta), beta_anneal_steps=1)
+for section, values in cfg.items():
+    print(f"[{section}]")
+    for key, value in values.items():
+        print(f"{key} = {json.dumps(value)}")  # JSON scalars are TOML
+EOF
+    .venv/bin/torchrun --standalone --nproc-per-node 2 -m training.train --config "$BRANCH_CONFIG" \
+        --data cache/windows.npz --out "runs/$NAME" --threads 1 --resume "$STATE" \
+        --max-steps $((START + STEPS)) --quiet
+    cp "runs/$NAME/ckpt.pt" "runs/$NAME.pt"
+fi
+
+$PY -m training.evaluate --checkpoint "runs/$NAME.pt" --baseline models/baselines/vae-g0.4.pt \
+    --lm models/baselines/lm.pt $EVAL --decoding argmax --out "$OUT/argmax.json" > /dev/null &
+$PY -m training.evaluate --checkpoint "runs/$NAME.pt" $EVAL --decoding temperature=1.0 \
+    --out "$OUT/t1.json" > /dev/null &
+wait
+$PY -m training.evaluate --from "$OUT/argmax.json" --markdown
+$PY -m training.choose_decoding "$OUT/t1.json" docs/eval/beta-grid/t1-clsm-default.json
