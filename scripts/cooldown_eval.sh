@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # A cooldown branch of the constant-lr run from any saved state, evaluated like the beta grid
 # (issue 10): the lr falls from 5e-4 to 2.5e-5 over STEPS steps from the state's own step, with
-# the config the run goes on with (beta held at 0.002 since step 20,710), then the branch is
-# evaluated on the test split with the paper's argmax (against the VAE at gamma 0.4, scored by
-# the LM) and with the daemon's decoding (temperature 1.0), one core each. Compare with the
-# shipped model's figures:
+# the config the run goes on with (configs/cpu-beta0.0005.toml: beta held at 0.0005 since step
+# 25,500), then the branch is evaluated on the test split with the paper's argmax (against the
+# VAE at gamma 0.4, scored by the LM) and with the daemon's decoding (temperature 1.0), one core
+# each. Compare with the shipped model's figures:
 #   python -m training.evaluate --from docs/eval/NAME/argmax.json \
-#       --from docs/eval/beta-grid/argmax-beta0.002.json --markdown
+#       --from models/clsm-default/eval.json --markdown
 #   scripts/cooldown_eval.sh STATE NAME [STEPS=3000] [BETA]
 # STATE: a resumable checkpoint (checkpoints/clsm-cpu.pt, or a copy of runs/clsm-cpu/ckpt.pt);
 # the branch trains into runs/NAME (its final state copied to runs/NAME.pt, a branch that
 # exists is evaluated, not trained again) and the JSON lands in docs/eval/NAME/. BETA replaces
-# the config's beta_kl (0.002) from the branch's first step, as the beta grid's branches did.
+# the config's beta_kl (0.0005) from the branch's first step, as the beta grid's branches did.
 set -eu
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-}
-CONFIG=configs/cpu-beta0.002.toml
+CONFIG=configs/cpu-beta0.0005.toml
 PY=.venv/bin/python
 OUT=docs/eval/$NAME
 EVAL="--data cache/windows.npz --split test --n 128 --batch 8 --seed 0 --threads 1"
@@ -55,4 +55,4 @@ $PY -m training.evaluate --checkpoint "runs/$NAME.pt" $EVAL --decoding temperatu
     --out "$OUT/t1.json" > /dev/null &
 wait
 $PY -m training.evaluate --from "$OUT/argmax.json" --markdown
-$PY -m training.choose_decoding "$OUT/t1.json" docs/eval/beta-grid/t1-clsm-default.json
+$PY -m training.choose_decoding "$OUT/t1.json" "models/clsm-default/decoding-temperature=1.0.json"
