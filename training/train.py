@@ -284,10 +284,13 @@ def train(args: argparse.Namespace) -> Path:
                         "(set [train] lr_cooldown_start to the resumed step for a new branch)",
                         tcfg.get("lr_cooldown_start", 0), step, lr_at(step, tcfg))
         model = ddp.wrap(model.to(device))  # on its device before the optimiser sees it
-        opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]))
+        opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
+                               eps=tcfg["adam_eps"])
         if ckpt is not None:
             # onto the parameters' device; casts bf16 snapshot moments back to fp32
             opt.load_state_dict(ckpt["optimizer"])
+            for group in opt.param_groups:  # the state brings its own eps: the config's wins
+                group["eps"] = tcfg["adam_eps"]
         precision = Precision.choose(device, tcfg["bf16"] and not args.no_bf16)
         if ddp.is_main():
             log.info("CLSM with %d parameters; %d train / %d valid windows; %s; mixed precision "
