@@ -7,15 +7,16 @@
 # each. Compare with the shipped model's figures:
 #   python -m training.evaluate --from docs/eval/NAME/argmax.json \
 #       --from models/clsm-default/eval.json --markdown
-#   scripts/cooldown_eval.sh STATE NAME [STEPS=3000] [BETA]
+#   scripts/cooldown_eval.sh STATE NAME [STEPS=3000] [BETA] [ADAM_EPS]
 # STATE: a resumable checkpoint (checkpoints/clsm-cpu.pt, or a copy of runs/clsm-cpu/ckpt.pt);
 # the branch trains into runs/NAME (its final state copied to runs/NAME.pt, a branch that
 # exists is evaluated, not trained again) and the JSON lands in docs/eval/NAME/. BETA replaces
-# the config's beta_kl (0.0005) from the branch's first step, as the beta grid's branches did.
+# the config's beta_kl (0.0005) from the branch's first step, as the beta grid's branches did;
+# ADAM_EPS the config's adam_eps (1e-8), for betas so low that the prior's gradients near it.
 set -eu
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
-STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-}
+[ $# -ge 2 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-} ADAM_EPS=${5:-}
 CONFIG=configs/cpu-beta0.0005.toml
 PY=.venv/bin/python
 OUT=docs/eval/$NAME
@@ -27,17 +28,19 @@ if [ ! -f "runs/$NAME.pt" ]; then
 weights_only=False)['step'])" "$STATE")
     BRANCH_CONFIG=runs/$NAME.toml
     # the run's config with a cooldown that starts at the state's step
-    $PY - "$CONFIG" "$START" "$STEPS" "$BETA" > "$BRANCH_CONFIG" <<'EOF'
+    $PY - "$CONFIG" "$START" "$STEPS" "$BETA" "$ADAM_EPS" > "$BRANCH_CONFIG" <<'EOF'
 import json
 import sys
 import tomllib
 
-config, start, steps, beta = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+config, start, steps, beta, eps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
 with open(config, "rb") as f:
     cfg = tomllib.load(f)
 cfg["train"].update(lr_cooldown_steps=steps, lr_cooldown_start=start, lr_final=2.5e-5)
 if beta:  # held from the branch's first step
     cfg["train"].update(beta_kl=float(beta), beta_anneal_steps=1)
+if eps:
+    cfg["train"].update(adam_eps=float(eps))
 for section, values in cfg.items():
     print(f"[{section}]")
     for key, value in values.items():
