@@ -251,14 +251,11 @@ def test_adam_scale_reads_each_parts_gradient_rms_from_the_optimiser_state():
 
 
 def test_adam_eps_comes_from_the_config_also_when_resuming(tmp_path):
-    data = write_cache(tmp_path / "w.npz")
-    config = tiny_config(tmp_path / "tiny.toml")
-    out = tmp_path / "run"
-    argv = ["--data", str(data), "--out", str(out), "--quiet", "--threads", "1"]
-    train.main(["--config", str(config), *argv, "--max-steps", "1"])
+    argv, out = tiny_run(tmp_path)
+    train.main([*argv, "--max-steps", "1"])
     saved = train.load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"][0]["eps"]
     assert saved == 1e-8  # configs/default.toml: Adam's default
     small = tmp_path / "small-eps.toml"  # a resumed run with a smaller eps uses it
-    small.write_text(config.read_text() + "adam_eps = 1e-12\n")
-    train.main(["--config", str(small), *argv, "--max-steps", "2", "--resume"])
+    small.write_text((tmp_path / "tiny.toml").read_text() + "adam_eps = 1e-12\n")
+    train.main([*argv, "--config", str(small), "--max-steps", "2", "--resume"])
     assert train.load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"][0]["eps"] == 1e-12
