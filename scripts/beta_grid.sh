@@ -34,13 +34,8 @@ train_branch() {  # $1 = branch name
     cp "runs/$1-23710/ckpt.pt" "runs/$1-23710.pt"
 }
 
-evaluate_branch() {  # $1 = branch name: both decodings side by side, one core each
-    local ckpt=runs/$1-23710.pt
-    $PY -m training.evaluate --checkpoint "$ckpt" --baseline models/baselines/vae-g0.4.pt \
-        --lm models/baselines/lm.pt $EVAL --decoding argmax --out "$OUT/argmax-$1.json" > /dev/null &
-    $PY -m training.evaluate --checkpoint "$ckpt" $EVAL --decoding temperature=1.0 \
-        --out "$OUT/t1-$1.json" > /dev/null &
-    wait
+evaluate_branch() {  # $1 = branch name
+    scripts/evaluate_branch.sh "runs/$1-23710.pt" "$OUT/argmax-$1.json" "$OUT/t1-$1.json"
 }
 
 for branch in "${@:-cooldown beta0.002 beta0.004 beta0.016}"; do

@@ -20,7 +20,6 @@ STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-} ADAM_EPS=${5:-}
 CONFIG=configs/cpu-beta0.0005.toml
 PY=.venv/bin/python
 OUT=docs/eval/$NAME
-EVAL="--data cache/windows.npz --split test --n 128 --batch 8 --seed 0 --threads 1"
 mkdir -p "$OUT" runs
 
 if [ ! -f "runs/$NAME.pt" ]; then
@@ -52,10 +51,6 @@ EOF
     cp "runs/$NAME/ckpt.pt" "runs/$NAME.pt"
 fi
 
-$PY -m training.evaluate --checkpoint "runs/$NAME.pt" --baseline models/baselines/vae-g0.4.pt \
-    --lm models/baselines/lm.pt $EVAL --decoding argmax --out "$OUT/argmax.json" > /dev/null &
-$PY -m training.evaluate --checkpoint "runs/$NAME.pt" $EVAL --decoding temperature=1.0 \
-    --out "$OUT/t1.json" > /dev/null &
-wait
+scripts/evaluate_branch.sh "runs/$NAME.pt" "$OUT/argmax.json" "$OUT/t1.json"
 $PY -m training.evaluate --from "$OUT/argmax.json" --markdown
 $PY -m training.choose_decoding "$OUT/t1.json" "models/clsm-default/decoding-temperature=1.0.json"
