@@ -13,11 +13,12 @@
 # exists is evaluated, not trained again) and the JSON lands in docs/eval/NAME/. BETA replaces
 # the config's beta_kl (0.0005) from the branch's first step, as the beta grid's branches did;
 # ADAM_EPS the config's adam_eps (1e-8), for betas so low that the prior's gradients near it.
+# CONFIG=FILE (environment) replaces the config the branch takes its settings from.
 set -eu
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-} ADAM_EPS=${5:-}
-CONFIG=configs/cpu-beta0.0005.toml
+CONFIG=${CONFIG:-configs/cpu-beta0.0005.toml}
 PY=.venv/bin/python
 OUT=docs/eval/$NAME
 mkdir -p "$OUT" runs
