@@ -4,7 +4,7 @@
 # the config the run goes on with (configs/cpu-beta0.0005.toml: beta held at 0.0005 since step
 # 25,500), then the branch is evaluated on the test split with the paper's argmax (against the
 # VAE at gamma 0.4, scored by the LM) and with the daemon's decoding (temperature 1.0), one core
-# each. Compare with the shipped model's figures:
+# each, and with training.decode_errors. Compare with the shipped model's figures:
 #   python -m training.evaluate --from docs/eval/NAME/argmax.json \
 #       --from models/clsm-default/eval.json --markdown
 #   scripts/cooldown_eval.sh STATE NAME [STEPS=3000] [BETA] [ADAM_EPS]
@@ -53,5 +53,8 @@ EOF
 fi
 
 scripts/evaluate_branch.sh "runs/$NAME.pt" "$OUT/argmax.json" "$OUT/t1.json"
+# where its argmax reconstruction goes wrong (teacher-forced vs free-running, per target length)
+$PY -m training.decode_errors --checkpoint "runs/$NAME.pt" --data cache/windows.npz --split test \
+    --n 128 --out "$OUT/decode_errors.json"
 $PY -m training.evaluate --from "$OUT/argmax.json" --markdown
 $PY -m training.choose_decoding "$OUT/t1.json" "models/clsm-default/decoding-temperature=1.0.json"

@@ -133,3 +133,12 @@ def test_the_wide_config_is_the_running_config_with_the_papers_encoder_sizes():
     assert {k: v for k, v in wide["model"].items() if k not in ("d_lstm", "d_mlp")} == \
         {k: v for k, v in run["model"].items() if k not in ("d_lstm", "d_mlp")}
     assert (wide["model"]["d_lstm"], wide["model"]["d_mlp"]) == (paper["d_lstm"], paper["d_mlp"])
+
+
+def test_decode_errors_names_a_checkpoint_that_is_not_a_clsm(tmp_path):
+    from tests.test_evaluate import TINY_VAE, write_tiny
+    from training.baselines import PaperVAE
+    data = write_cache(tmp_path / "w.npz", n_per_split=8)
+    vae = write_tiny(tmp_path / "vae.pt", PaperVAE(TINY_VAE))
+    with pytest.raises(SystemExit, match="vae checkpoint"):
+        decode_errors.main(["--checkpoint", str(vae), "--data", str(data), "--n", "8"])

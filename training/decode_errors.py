@@ -11,7 +11,9 @@ Per data set and context case:
 - tf_acc_prior / fr_acc_prior: the same with z = f^-1(mean of p(w | xC)) in place of the
   posterior mean: how much of the accuracy z carries at all.
 - by_bar: both accuracies per bar of the target (bar 1 = the first regenerated bar).
-- by_length: both accuracies per target length (1-4 bars).
+- by_length: both accuracies per target length (1-4 bars), and the KL (nats, one posterior
+  draw, as training computes it) and mean posterior standard deviation there: how much of z
+  each length gets.
 - exact: share of targets decoded without an error; first_error: mean position of the first
   error as a share of the target's length (1.0 when exact); after_first_error: accuracy of the
   tokens after it (does the decode find its way back?).
@@ -31,6 +33,7 @@ from collections import defaultdict
 import torch
 
 from engine import tokens as tk
+from engine.model import gaussian_log_prob
 from training.eval_models import ModelUnderTest, load_for_eval
 from training.evaluate import CASES, case_batches, load_eval_sets
 
@@ -43,6 +46,18 @@ def teacher_forced(m: ModelUnderTest, x: torch.Tensor, z: torch.Tensor, start: i
     starts = torch.full((x.size(0),), start, dtype=torch.long)
     logits = m.model.decoder(x, z, starts, length)  # logits for x_t at position t
     return logits[:, start:start + length].argmax(-1)
+
+
+def kl_and_sd(m: ModelUnderTest, x: torch.Tensor, start: int, length: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window: KL(q || p) from one posterior draw, and q's mean standard deviation."""
+    starts = torch.full((x.size(0),), start, dtype=torch.long)
+    mean, logvar = m.model.encoder(x, starts, length)
+    sd = (0.5 * logvar).exp()
+    z = mean + sd * torch.randn(mean.shape, generator=gen)
+    p_mean, p_logvar = m.model.prior(x, starts, length)
+    kl = gaussian_log_prob(z, mean, logvar) - m.model.prior.log_prob(z, p_mean, p_logvar)
+    return kl, sd.mean(-1)
 
 
 def prior_mode_z(m: ModelUnderTest, x: torch.Tensor, start: int, length: int) -> torch.Tensor:
@@ -85,8 +100,9 @@ def first_errors(pred: torch.Tensor, truth: torch.Tensor) -> list[tuple[int, int
 
 
 @torch.no_grad()
-def analyse_case(m: ModelUnderTest, batches) -> dict:
+def analyse_case(m: ModelUnderTest, batches, seed: int = 0) -> dict:
     sums: dict[str, float] = defaultdict(float)
+    gen = torch.Generator().manual_seed(seed)
     for x, start, length in batches:
         truth = x[:, start:start + length]
         z = m.posterior_mean(x, start, length)
@@ -101,6 +117,10 @@ def analyse_case(m: ModelUnderTest, batches) -> dict:
         sums[f"len{bars}_tokens"] += truth.numel()
         sums[f"len{bars}_tf"] += float((tf == truth).sum())
         sums[f"len{bars}_fr"] += float((fr == truth).sum())
+        kl, sd = kl_and_sd(m, x, start, length, gen)
+        sums[f"len{bars}_targets"] += truth.size(0)
+        sums[f"len{bars}_kl"] += float(kl.sum())
+        sums[f"len{bars}_sd"] += float(sd.sum())
         for key, pred in (("tf_acc", tf), ("fr_acc", fr), ("tf_acc_prior", tf_p),
                           ("fr_acc_prior", fr_p)):
             sums[key] += float((pred == truth).sum())
@@ -126,7 +146,9 @@ def analyse_case(m: ModelUnderTest, batches) -> dict:
                               "fr": sums[f"bar{b}_fr"] / sums[f"bar{b}_tokens"]}
                      for b in range(1, BARS + 1) if sums[f"bar{b}_tokens"]}
     out["by_length"] = {str(b): {"tf": sums[f"len{b}_tf"] / sums[f"len{b}_tokens"],
-                                 "fr": sums[f"len{b}_fr"] / sums[f"len{b}_tokens"]}
+                                 "fr": sums[f"len{b}_fr"] / sums[f"len{b}_tokens"],
+                                 "kl": sums[f"len{b}_kl"] / sums[f"len{b}_targets"],
+                                 "posterior_sd": sums[f"len{b}_sd"] / sums[f"len{b}_targets"]}
                         for b in range(1, BARS + 1) if sums[f"len{b}_tokens"]}
     out["exact"] = sums["exact"] / n
     out["first_error"] = sums["first_error"] / n
@@ -144,8 +166,11 @@ def run(args: argparse.Namespace) -> dict:
                                  "batch": args.batch, "seed": args.seed}, "models": {}}
     for path in args.checkpoint:
         m = load_for_eval(path)
+        if m.kind != "clsm":
+            raise SystemExit(f"{path} is a {m.kind} checkpoint: decode_errors reads a CLSM's parts")
         result["models"][path] = {
-            ds: {case: analyse_case(m, case_batches(w, args.n, args.batch, args.seed, case))
+            ds: {case: analyse_case(m, case_batches(w, args.n, args.batch, args.seed, case),
+                                args.seed)
                  for case in CASES} for ds, w in sets.items()}
     return result
 
@@ -155,7 +180,7 @@ def format_table(result: dict) -> str:
     for path, per_set in result["models"].items():
         lines.append(f"## {path}")
         lines.append("set/case | tf | fr | tf prior | fr prior | fr by bar 1-4 | tf by bar 1-4 | "
-                     "fr by length 1-4 | "
+                     "fr by length 1-4 | KL by length 1-4 | "
                      "exact | first err | after | missed on | extra on | pitch (oct) | "
                      "hold/rest | shifted")
         for ds, cases in per_set.items():
@@ -165,10 +190,12 @@ def format_table(result: dict) -> str:
                 tf_bars = " ".join(f"{bars[b]['tf']:.2f}" for b in sorted(bars))
                 lengths = r["by_length"]
                 fr_len = " ".join(f"{lengths[b]['fr']:.2f}" for b in sorted(lengths))
+                kl_len = " ".join(f"{lengths[b]['kl']:.0f}" for b in sorted(lengths))
                 e = r["errors"]
                 lines.append(
                     f"{ds}/{case} | {r['tf_acc']:.3f} | {r['fr_acc']:.3f} | "
-                    f"{r['tf_acc_prior']:.3f} | {r['fr_acc_prior']:.3f} | {fr_bars} | {tf_bars} | {fr_len} | "
+                    f"{r['tf_acc_prior']:.3f} | {r['fr_acc_prior']:.3f} | {fr_bars} | {tf_bars} | "
+                    f"{fr_len} | {kl_len} | "
                     f"{r['exact']:.2f} | {r['first_error']:.2f} | {r['after_first_error']:.2f} | "
                     f"{e['missed_onset']:.3f} | {e['extra_onset']:.3f} | "
                     f"{e['wrong_pitch']:.3f} ({e['octave']:.3f}) | {e['hold_rest']:.3f} | "
