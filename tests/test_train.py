@@ -259,3 +259,21 @@ def test_adam_eps_comes_from_the_config_also_when_resuming(tmp_path):
     small.write_text((tmp_path / "tiny.toml").read_text() + "adam_eps = 1e-12\n")
     train.main([*argv, "--config", str(small), "--max-steps", "2", "--resume"])
     assert train.load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"][0]["eps"] == 1e-12
+
+
+def test_validation_takes_the_configs_number_of_batches(tmp_path, monkeypatch):
+    argv, out = tiny_run(tmp_path)
+    seen = []
+    real = train.validate
+
+    def spy(model, valid, seed, n_batches, *args, **kwargs):
+        seen.append(n_batches)
+        return real(model, valid, seed, n_batches, *args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", spy)
+    config = Path(argv[argv.index("--config") + 1])
+    config.write_text(config.read_text() + "valid_batches = 3\n")
+    train.main([*argv, "--max-steps", "2"])
+    assert seen == [3]  # valid_every = 2 in the tiny config
+    assert train.load_train_config(Path(__file__).resolve().parents[1] / "configs/default.toml")[
+        "train"]["valid_batches"] == 16

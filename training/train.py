@@ -216,8 +216,8 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                 record = {"step": step, "t": round(time.monotonic() - t0, 3), "beta": beta,
                           "lr": lr, "windows_per_s": rate, "processes": world, **means}
                 if valid_now:
-                    record["valid"] = validate(model, valid_w, tcfg["seed"], 4, tcfg["batch_size"],
-                                               tcfg["target_bars"], precision)
+                    record["valid"] = validate(model, valid_w, tcfg["seed"], tcfg["valid_batches"],
+                                               tcfg["batch_size"], tcfg["target_bars"], precision)
                     metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
                     log.info("step %d valid %s", step, record["valid"])
                 logf.write(json.dumps(record) + "\n")
