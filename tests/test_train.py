@@ -277,3 +277,21 @@ def test_validation_takes_the_configs_number_of_batches(tmp_path, monkeypatch):
     assert seen == [3]  # valid_every = 2 in the tiny config
     assert train.load_train_config(Path(__file__).resolve().parents[1] / "configs/default.toml")[
         "train"]["valid_batches"] == 16
+
+
+def test_validate_cli_gives_the_runs_figures_and_refuses_other_models(tmp_path, capsys):
+    from tests.test_evaluate import TINY_VAE, write_tiny
+    from training import validate as validate_cli
+    from training.baselines import PaperVAE
+    argv, out = tiny_run(tmp_path)
+    train.main([*argv, "--max-steps", "2"])
+    capsys.readouterr()  # the run's own last line
+    data = argv[argv.index("--data") + 1]
+    validate_cli.main([str(out / "ckpt.pt"), "--data", data, "--batches", "2"])
+    first = json.loads(capsys.readouterr().out)
+    validate_cli.main([str(out / "ckpt.pt"), "--data", data, "--batches", "2"])
+    assert json.loads(capsys.readouterr().out) == first  # fixed, seeded batches
+    assert first["batches"] == 2 and 0.0 <= first["acc"] <= 1.0 and first["rec"] > 0.0
+    vae = write_tiny(tmp_path / "vae.pt", PaperVAE(TINY_VAE))
+    with pytest.raises(SystemExit, match="not a CLSM"):
+        validate_cli.main([str(vae), "--data", data])
