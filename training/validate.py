@@ -5,7 +5,8 @@
 Teacher-forced reconstruction (nats/token), accuracy and KL from one posterior draw, beta 1, on
 the same fixed, seeded batches of the valid split as training.train's validation (its first
 [train] valid_batches of them): the run's log figures for any checkpoint, e.g. over more
-batches than the run used.
+batches than the run used. The posterior draws are seeded here (in the run they come from the
+training's random stream), so the same checkpoint gives the same figures.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         m = load_for_eval(path)
         if m.kind != "clsm":
             raise SystemExit(f"{path} is a {m.kind} checkpoint, not a CLSM")
+        torch.manual_seed(tcfg["seed"])  # the posterior draws: the same figures every time
         figures = validate(m.model, valid, tcfg["seed"], args.batches, 32, tcfg["target_bars"])
         print(json.dumps({"checkpoint": path, "batches": args.batches, "batch": 32,
                           **{k: round(v, 4) for k, v in figures.items()}}))
