@@ -142,3 +142,34 @@ def test_decode_errors_names_a_checkpoint_that_is_not_a_clsm(tmp_path):
     vae = write_tiny(tmp_path / "vae.pt", PaperVAE(TINY_VAE))
     with pytest.raises(SystemExit, match="vae checkpoint"):
         decode_errors.main(["--checkpoint", str(vae), "--data", str(data), "--n", "8"])
+
+
+def test_more_latent_vectors_keep_the_decoders_output(tmp_path):
+    ckpt = load_checkpoint(trained_state(tmp_path))
+    grown = grow.repeat_latents(ckpt, 2 * TINY_CLSM.l_z)
+    old, new = CLSM.from_checkpoint(ckpt).eval(), CLSM.from_checkpoint(grown).eval()
+    assert new.cfg.l_z == 2 * TINY_CLSM.l_z and grown["config"]["model"]["l_z"] == new.cfg.l_z
+    x = torch.randint(0, 32, (3, 128))
+    start = torch.tensor([16, 48, 80])
+    z = torch.randn(3, TINY_CLSM.d_z)
+    with torch.no_grad():
+        torch.testing.assert_close(new.decoder(x, z, start, 32), old.decoder(x, z, start, 32),
+                                   atol=1e-3, rtol=1e-3)  # up to the copies' perturbation
+    weight = grown["model"]["decoder.latent.weight"]
+    rows = TINY_CLSM.l_z * TINY_CLSM.d_z
+    assert torch.equal(weight[:rows], ckpt["model"]["decoder.latent.weight"])
+    assert not torch.equal(weight[rows:], weight[:rows])  # the copies can drift apart
+    model = CLSM.from_checkpoint(grown)
+    opt = torch.optim.Adam(model.parameters())
+    opt.load_state_dict(grown["optimizer"])  # the moments were repeated with the rows
+    with pytest.raises(SystemExit, match="multiple"):
+        grow.repeat_latents(ckpt, TINY_CLSM.l_z + 1)
+
+
+def test_grow_cli_keeps_the_sizes_it_is_not_given(tmp_path, capsys):
+    state = trained_state(tmp_path)
+    grow.main([str(state), str(tmp_path / "lz.pt"), "--l-z", str(2 * TINY_CLSM.l_z)])
+    args = load_checkpoint(tmp_path / "lz.pt")["model_args"]
+    assert (args["d_lstm"], args["d_mlp"], args["l_z"]) == \
+        (TINY_CLSM.d_lstm, TINY_CLSM.d_mlp, 2 * TINY_CLSM.l_z)
+    assert "l_z 4 -> 8" in capsys.readouterr().out

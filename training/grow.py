@@ -2,7 +2,7 @@
 prior's: d_lstm, d_mlp) without changing what it computes, so a run can go on at the paper's
 sizes instead of starting again:
 
-    python -m training.grow STATE OUT [--d-lstm 256] [--d-mlp 512]
+    python -m training.grow STATE OUT [--d-lstm 256] [--d-mlp 512] [--l-z 8]   # default: unchanged
 
 The old units keep their weights and read nothing from the new ones (those weights are zero);
 the new units start from the bigger model's own initialisation, and what they feed into the old
@@ -12,6 +12,12 @@ ones, so its loss at the first step is the old loss; gradients reach every new w
 (the zero columns multiply nonzero activations). Adam's moments are carried over for the old
 entries; a new entry starts with no momentum and the mean second moment of its tensor's old
 entries, so its first steps are as large as its neighbours' and no larger.
+
+--l-z (a multiple of the state's l_z) gives the decoder more latent vectors Z~ to attend to: the
+new ones are copies of the old (rows of z -> Z~ repeated, Adam's moments too). Cross-attention
+over k copies of each key and value gives the same output (each copy gets 1/k of the weight the
+original had), so the function is kept; a tiny relative perturbation (1e-4) of the copies lets
+them drift apart, as copies with equal gradients never would.
 """
 
 from __future__ import annotations
@@ -128,20 +134,62 @@ def grow(ckpt: dict, d_lstm: int, d_mlp: int, seed: int = 0) -> dict:
             "grown_from": {"d_lstm": old_cfg.d_lstm, "d_mlp": old_cfg.d_mlp, "step": ckpt["step"]}}
 
 
+LATENT = "decoder.latent."
+COPY_NOISE = 1e-4
+
+
+def repeat_latents(ckpt: dict, l_z: int, seed: int = 0) -> dict:
+    """A resumable checkpoint whose decoder attends to l_z latent vectors (see the module doc)."""
+    cfg = CLSMConfig.from_dict(ckpt["model_args"])
+    if l_z % cfg.l_z:
+        raise SystemExit(f"--l-z must be a multiple of the state's l_z ({cfg.l_z}), not {l_z}")
+    k = l_z // cfg.l_z
+    if k == 1:
+        return ckpt
+    gen = torch.Generator().manual_seed(seed)
+    names = [n for n, _ in CLSM(cfg).named_parameters()]
+
+    def repeated(value: torch.Tensor, perturb: bool) -> torch.Tensor:
+        copies = [value] + [value + (COPY_NOISE * value.abs().mean() * torch.randn(
+            value.shape, generator=gen) if perturb else 0.0) for _ in range(k - 1)]
+        return torch.cat(copies, dim=0)  # rows: k * (l_z * d_z), vector-major like .view
+
+    model = dict(ckpt["model"])
+    opt_state = dict(ckpt["optimizer"]["state"])
+    for name in (LATENT + "weight", LATENT + "bias"):
+        model[name] = repeated(model[name].float(), perturb=True)
+        index = names.index(name)
+        if index in opt_state:
+            state = opt_state[index]
+            opt_state[index] = {**state, **{m: repeated(state[m], perturb=False)
+                                            for m in ("exp_avg", "exp_avg_sq")}}
+    new_cfg = dataclasses.replace(cfg, l_z=l_z)
+    config = copy.deepcopy(ckpt.get("config", {}))
+    config.setdefault("model", {}).update(l_z=l_z)
+    return {**ckpt, "model": model, "model_args": dataclasses.asdict(new_cfg), "config": config,
+            "optimizer": {**ckpt["optimizer"], "state": opt_state},
+            "grown_from": {**ckpt.get("grown_from", {}), "l_z": cfg.l_z, "step": ckpt["step"]}}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("state", help="a resumable checkpoint (runs/NAME/ckpt.pt, checkpoints/NAME.pt)")
     p.add_argument("out", help="where to write the widened checkpoint")
-    p.add_argument("--d-lstm", type=int, default=CLSMConfig.d_lstm)
-    p.add_argument("--d-mlp", type=int, default=CLSMConfig.d_mlp)
+    p.add_argument("--d-lstm", type=int, default=None, help="Bi-LSTM size (default: the state's)")
+    p.add_argument("--d-mlp", type=int, default=None, help="MLP size (default: the state's)")
+    p.add_argument("--l-z", type=int, default=None, help="latent vectors (default: the state's)")
     args = p.parse_args(argv)
     if not Path(args.state).is_file():
         raise SystemExit(f"no checkpoint at {args.state}")
     ckpt = torch.load(args.state, map_location="cpu", weights_only=True)
-    grown = grow(ckpt, args.d_lstm, args.d_mlp)
+    grown = grow(ckpt, args.d_lstm or ckpt["model_args"]["d_lstm"],
+                 args.d_mlp or ckpt["model_args"]["d_mlp"])
+    if args.l_z is not None:
+        grown = repeat_latents(grown, args.l_z)
     torch.save(grown, args.out)
-    print(f"{args.out}: d_lstm {ckpt['model_args']['d_lstm']} -> {args.d_lstm}, d_mlp "
-          f"{ckpt['model_args']['d_mlp']} -> {args.d_mlp}, step {ckpt['step']}")
+    old, new = ckpt["model_args"], grown["model_args"]
+    print(f"{args.out}: " + ", ".join(f"{k} {old[k]} -> {new[k]}" for k in ("d_lstm", "d_mlp", "l_z"))
+          + f", step {ckpt['step']}")
 
 
 if __name__ == "__main__":
