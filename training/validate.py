@@ -1,10 +1,12 @@
 """The training run's validation figures for saved models, over as many batches as asked:
 
     python -m training.validate CKPT_OR_MODEL_FOLDER... [--data cache/windows.npz] [--batches 40]
+        [--batch 32]
 
 Teacher-forced reconstruction (nats/token), accuracy and KL from one posterior draw, beta 1, on
 the same fixed, seeded batches of the valid split as training.train's validation (its first
-[train] valid_batches of them): the run's log figures for any checkpoint, e.g. over more
+[train] valid_batches of them, at the CPU configs' batch of 32 unless --batch says otherwise):
+the run's log figures for any checkpoint, e.g. over more
 batches than the run used. The posterior draws are seeded here (in the run they come from the
 training's random stream), so the same checkpoint gives the same figures.
 """
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", nargs="+", help="training checkpoints or model folders")
     p.add_argument("--data", default="cache/windows.npz")
     p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batch", type=int, default=32, help="windows per batch (the run's batch_size)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -38,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         if m.kind != "clsm":
             raise SystemExit(f"{path} is a {m.kind} checkpoint, not a CLSM")
         torch.manual_seed(tcfg["seed"])  # the posterior draws: the same figures every time
-        figures = validate(m.model, valid, tcfg["seed"], args.batches, 32, tcfg["target_bars"])
-        print(json.dumps({"checkpoint": path, "batches": args.batches, "batch": 32,
+        figures = validate(m.model, valid, tcfg["seed"], args.batches, args.batch,
+                           tcfg["target_bars"])
+        print(json.dumps({"checkpoint": path, "batches": args.batches, "batch": args.batch,
                           **{k: round(v, 4) for k, v in figures.items()}}))
 
 
