@@ -113,12 +113,13 @@ def grow(ckpt: dict, d_lstm: int, d_mlp: int, seed: int = 0) -> dict:
                          f"{old_cfg.d_mlp}; asked for {d_lstm}, {d_mlp}")
     new_cfg = dataclasses.replace(old_cfg, d_lstm=d_lstm, d_mlp=d_mlp)
     torch.manual_seed(seed)
-    fresh = CLSM(new_cfg).state_dict()
-    names = list(fresh)  # parameter order = the optimiser's state indices
+    bigger = CLSM(new_cfg)
+    fresh = bigger.state_dict()
+    names = list(fresh)
     if list(ckpt["model"]) != names:
         raise SystemExit("the state's parameters are not a CLSM's of this code: cannot widen")
     model, opt_state = {}, {}
-    param_names = [n for n, _ in CLSM(new_cfg).named_parameters()]
+    param_names = [n for n, _ in bigger.named_parameters()]  # the optimiser's state indices
     for name in names:
         where = old_entries(name, old_cfg, new_cfg)
         old_value = ckpt["model"][name]
