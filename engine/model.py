@@ -336,6 +336,16 @@ def decoder_mask(start: torch.Tensor, length: int, n_pos: int) -> torch.Tensor:
     return ~key_t | (query_t & not_future)  # (B, n, n)
 
 
+def mix_own_guesses(x: torch.Tensor, guesses: torch.Tensor, start: torch.Tensor, length: int,
+                    share: float) -> torch.Tensor:
+    """x with each target token replaced, with probability `share`, by the decoder's guess for
+    it (guesses[:, t] predicts x_t); context tokens are never replaced."""
+    pos = torch.arange(x.size(1), device=x.device)
+    in_target = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + length)
+    swap = in_target & (torch.rand(x.shape, device=x.device) < share)
+    return torch.where(swap, guesses, x)
+
+
 class Decoder(nn.Module):
     """p(xT | z, xC, tau)."""
 
@@ -357,10 +367,12 @@ class Decoder(nn.Module):
         s = torch.full_like(x[:, :1], tk.START)
         return torch.cat([s, x], dim=1)  # (B, 129)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, start: torch.Tensor, length: int):
+    def forward(self, x: torch.Tensor, z: torch.Tensor, start: torch.Tensor, length: int,
+                read: torch.Tensor | None = None):
         """Teacher-forced logits for every decoder position: (B, 129, n_out); the logits
-        predicting x_t are at position t."""
-        y = self.inputs(x)
+        predicting x_t are at position t. read (B, 128), when given, is what the decoder reads
+        in place of x (x with some target tokens replaced; CLSM.forward)."""
+        y = self.inputs(x if read is None else read)
         pos = torch.arange(y.size(1), device=x.device)
         h = self.drop(self.embed(y) + self.pos(pos))
         allowed = decoder_mask(start, length, y.size(1))
@@ -382,19 +394,28 @@ class CLSM(nn.Module):
         self.decoder = Decoder(cfg)
 
     def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0,
-                free_bits: float = 0.0):
+                free_bits: float = 0.0, own_guesses: float = 0.0):
         """Loss for a batch whose targets all have `length` steps, starting at start (B,).
 
         Returns (total, parts): total = (1/|xT|) Lrec + beta * KL, the negative of the paper's
-        objective; parts holds rec, kl and teacher-forced accuracy as detached 0-d tensors on
-        the batch's device (float() them to log: on CUDA a read-back waits for the GPU).
+        objective; parts holds rec, kl and accuracy as detached 0-d tensors on the batch's
+        device (float() them to log: on CUDA a read-back waits for the GPU).
         free_bits > 0 (not in the paper) replaces KL by max(KL, free_bits) in the total: below
-        that many nats the KL term has no gradient, so z is not squeezed out of use."""
+        that many nats the KL term has no gradient, so z is not squeezed out of use.
+        own_guesses > 0 (not in the paper; parallel scheduled sampling, Duckworth et al. 2019)
+        feeds the decoder that share of its own teacher-forced argmax guesses in place of the
+        target tokens it reads, so that it learns to go on after its own mistakes as it must
+        when decoding freely; the loss still asks for the true tokens."""
         mean, logvar = self.encoder(x, start, length)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # one sample
         p_mean, p_logvar = self.prior(x, start, length)
         kl = (gaussian_log_prob(z, mean, logvar) - self.prior.log_prob(z, p_mean, p_logvar)).mean()
-        logits = gather_span(self.decoder(x, z, start, length), start, length)  # (B, T, n_out)
+        read = None  # the paper: the decoder reads x itself
+        if own_guesses > 0:
+            with torch.no_grad():
+                guesses = self.decoder(x, z, start, length)[:, :-1].argmax(-1)  # (B, 128)
+            read = mix_own_guesses(x, guesses, start, length, own_guesses)
+        logits = gather_span(self.decoder(x, z, start, length, read=read), start, length)
         target = gather_span(x[:, :, None], start, length)[..., 0]  # (B, T)
         rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
         total = rec + beta * torch.clamp(kl, min=free_bits)

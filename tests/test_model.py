@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import tokens as tk
-from engine.model import CLSM, CLSMConfig, RelativeAttention, decoder_mask
+from engine.model import CLSM, CLSMConfig, RelativeAttention, decoder_mask, mix_own_guesses
 
 TINY = CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16, d_flow=32,
                   dropout=0.0)
@@ -116,6 +116,49 @@ def test_loss_falls_on_a_tiny_dataset():
         losses.append(parts["rec"])
         assert set(parts) == {"rec", "kl", "acc"}
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_mix_own_guesses_replaces_target_tokens_only():
+    x = random_tokens(4, seed=1)
+    guesses = (x + 1) % tk.N_SYMBOLS  # every guess differs from its token
+    start = torch.tensor([0, 16, 48, 64])
+    assert torch.equal(mix_own_guesses(x, guesses, start, 32, 0.0), x)
+    every = mix_own_guesses(x, guesses, start, 32, 1.0)
+    half = mix_own_guesses(x, guesses, start, 32, 0.5)
+    for b, s in enumerate(start.tolist()):
+        target = slice(s, s + 32)
+        assert torch.equal(every[b, target], guesses[b, target])
+        outside = torch.ones(tk.SEQ_LEN, dtype=torch.bool)
+        outside[target] = False
+        assert torch.equal(every[b, outside], x[b, outside])
+        assert torch.equal(half[b, outside], x[b, outside])
+    swapped = (half != x).float().sum() / (4 * 32)
+    assert 0.3 < swapped < 0.7
+
+
+def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
+    model = CLSM(TINY).eval()
+    x, start = random_tokens(3, seed=2), torch.tensor([0, 32, 64])
+    calls = []
+    plain = model.decoder.forward
+
+    def recording(x, z, start, length, read=None):
+        out = plain(x, z, start, length, read=read)
+        calls.append((read, out))
+        return out
+
+    monkeypatch.setattr(model.decoder, "forward", recording)
+    with torch.no_grad():
+        teacher, _ = model(x, start, 32, beta=0.01)
+        assert len(calls) == 1 and calls[0][0] is None  # the paper's loss: one teacher-forced pass
+        calls.clear()
+        own, parts = model(x, start, 32, beta=0.01, own_guesses=1.0)
+    (first_read, first_out), (read, _) = calls
+    assert first_read is None  # the guesses come from a teacher-forced pass with the same z
+    guesses = first_out[:, :-1].argmax(-1)
+    assert torch.equal(read, mix_own_guesses(x, guesses, start, 32, 1.0))
+    assert not torch.equal(read, x) and torch.isfinite(own) and set(parts) == {"rec", "kl", "acc"}
+    assert not torch.isclose(own, teacher)
 
 
 def test_beta_moves_the_encoder_but_not_the_priors_adam_step():

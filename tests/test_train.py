@@ -261,6 +261,24 @@ def test_adam_eps_comes_from_the_config_also_when_resuming(tmp_path):
     assert train.load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"][0]["eps"] == 1e-12
 
 
+def test_own_guesses_reach_the_model_from_the_config(tmp_path, monkeypatch):
+    argv, out = tiny_run(tmp_path)
+    mixed = tmp_path / "own-guesses.toml"
+    mixed.write_text((tmp_path / "tiny.toml").read_text() + "own_guesses = 0.25\n")
+    seen = []
+    plain = train.CLSM.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("own_guesses", 0.0))
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.CLSM, "forward", recording)
+    train.main([*argv, "--config", str(mixed), "--max-steps", "2"])
+    # two training steps with the share, validation (teacher-forced, the paper's loss) without
+    assert seen.count(0.25) == 2 and set(seen) == {0.25, 0.0}
+    assert train.load_checkpoint(out / "ckpt.pt")["step"] == 2
+
+
 def test_validation_takes_the_configs_number_of_batches(tmp_path, monkeypatch):
     argv, out = tiny_run(tmp_path)
     seen = []
