@@ -434,14 +434,18 @@ class CLSM(nn.Module):
         return self.prior.flow.inverse(w), w, mean, logvar
 
     @torch.no_grad()
-    def decode_naive(self, x: torch.Tensor, z: torch.Tensor, start: int, length: int) -> torch.Tensor:
-        """Reference argmax decode that recomputes the whole decoder at every step."""
+    def decode_naive(self, x: torch.Tensor, z: torch.Tensor, start: int | torch.Tensor,
+                     length: int) -> torch.Tensor:
+        """Reference argmax decode that recomputes the whole decoder at every step: (B, length).
+        start is one step for the batch or one per window (B,)."""
         x = x.clone()
-        starts = torch.full((x.size(0),), start, dtype=torch.long, device=x.device)
-        for t in range(start, start + length):
+        starts = (start if isinstance(start, torch.Tensor)
+                  else torch.full((x.size(0),), start, dtype=torch.long, device=x.device))
+        rows = torch.arange(x.size(0), device=x.device)
+        for i in range(length):
             logits = self.decoder(x, z, starts, length)
-            x[:, t] = logits[:, t].argmax(-1)
-        return x[:, start:start + length]
+            x[rows, starts + i] = logits[rows, starts + i].argmax(-1)
+        return gather_span(x[:, :, None], starts, length)[..., 0]
 
     def model_args(self) -> dict:
         return asdict(self.cfg)

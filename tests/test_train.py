@@ -213,6 +213,35 @@ def test_validation_means_are_the_float64_means_of_the_batch_figures():
     assert got == want
 
 
+def test_validation_decodes_its_first_batches_freely():
+    from engine.model import CLSM, CLSMConfig
+
+    torch.manual_seed(0)
+    model = CLSM(CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16,
+                            d_flow=32)).eval()
+    valid = np.random.default_rng(0).integers(0, tk.N_SYMBOLS, (12, tk.SEQ_LEN))
+    torch.manual_seed(1)
+    plain = train.validate(model, valid, seed=0, n_batches=3, batch=8, target_bars=[1, 2])
+    torch.manual_seed(1)
+    got = train.validate(model, valid, seed=0, n_batches=3, batch=8, target_bars=[1, 2],
+                         free_batches=2)
+    assert "fr_acc" not in plain and got == {**plain, "fr_acc": got["fr_acc"]}
+    model.eval()  # validate leaves the model training
+    rng, batch_means = np.random.default_rng(0), []
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.from_numpy(valid[rng.integers(0, len(valid), size=8)].astype(np.int64))
+            start, length = train.sample_targets(rng, 8, [1, 2])
+            z, _ = model.encoder(x, start, length)
+            right = 0
+            for b in range(8):  # one window at a time, the decode's own start
+                s = int(start[b])
+                decoded = model.decode_naive(x[b:b + 1], z[b:b + 1], s, length)
+                right += int((decoded == x[b:b + 1, s:s + length]).sum())
+            batch_means.append(right / (8 * length))
+    assert got["fr_acc"] == pytest.approx(np.mean(batch_means))  # a mean of batch means, as acc
+
+
 def test_resuming_a_cooldown_config_away_from_its_start_warns(tmp_path, caplog):
     data = write_cache(tmp_path / "w.npz")
     config = tiny_config(tmp_path / "tiny.toml")

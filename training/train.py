@@ -95,23 +95,38 @@ def run_device(args: argparse.Namespace, tcfg: dict) -> torch.device:
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, valid: np.ndarray, seed: int, n_batches: int, batch: int,
-             target_bars: list[int], precision: Precision | None = None) -> dict:
+             target_bars: list[int], precision: Precision | None = None,
+             free_batches: int = 0) -> dict:
     """Mean loss parts over fixed, seeded validation batches (untransposed windows), computed
-    on the model's device."""
+    on the model's device. free_batches > 0 adds fr_acc: the argmax accuracy of decoding the
+    targets freely from the posterior mean (training.evaluate's reconstruction), over the first
+    free_batches of those batches. The teacher-forced acc alone hides what the decoder's own
+    mistakes cost it (NOTES.md "Session 9")."""
     model = ddp.unwrap(model)
     model.eval()
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    running = RunningParts()
-    for _ in range(n_batches):
+    running, free = RunningParts(), RunningParts()
+    for i in range(n_batches):
         idx = rng.integers(0, len(valid), size=batch)
         x = to_device(torch.from_numpy(valid[idx].astype(np.int64)), device)
         start, length = sample_targets(rng, batch, target_bars)
+        start = to_device(start, device)
         with (precision or Precision(device.type)).autocast():
-            _, parts = model(x, to_device(start, device), length, beta=1.0)
+            _, parts = model(x, start, length, beta=1.0)
         running.add(parts)
+        if i < free_batches:  # in float32, as training.evaluate decodes
+            free.add({"fr_acc": free_running_accuracy(model, x, start, length)})
     model.train()
-    return running.read()
+    return {**running.read(), **free.read()}
+
+
+def free_running_accuracy(model: CLSM, x: torch.Tensor, start: torch.Tensor,
+                          length: int) -> torch.Tensor:
+    """Share of target tokens the argmax decode of the encoder's mean z gets right."""
+    z, _ = model.encoder(x, start, length)
+    truth = torch.gather(x, 1, start[:, None] + torch.arange(length, device=x.device))
+    return (model.decode_naive(x, z, start, length) == truth).float().mean()
 
 
 class StopRequest:
@@ -223,7 +238,8 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                           "lr": lr, "windows_per_s": rate, "processes": world, **means}
                 if valid_now:
                     record["valid"] = validate(model, valid_w, tcfg["seed"], tcfg["valid_batches"],
-                                               tcfg["batch_size"], tcfg["target_bars"], precision)
+                                               tcfg["batch_size"], tcfg["target_bars"], precision,
+                                               tcfg.get("valid_free_batches", 0))
                     metrics = {"step": step, "valid": record["valid"], "windows_per_s": rate}
                     log.info("step %d valid %s", step, record["valid"])
                 logf.write(json.dumps(record) + "\n")
