@@ -13,10 +13,11 @@
 # exists is evaluated, not trained again) and the JSON lands in docs/eval/NAME/. BETA replaces
 # the config's beta_kl (0.0005) from the branch's first step, as the beta grid's branches did;
 # ADAM_EPS the config's adam_eps (1e-8), for betas so low that the prior's gradients near it.
-# CONFIG=FILE (environment) replaces the config the branch takes its settings from.
+# CONFIG=FILE (environment) replaces the config the branch takes its settings from; TRAIN="k=v
+# ..." (environment) sets [train] keys over it, e.g. TRAIN="own_guesses=0.25" (values as TOML).
 set -eu
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
 STATE=$1 NAME=$2 STEPS=${3:-3000} BETA=${4:-} ADAM_EPS=${5:-}
 CONFIG=${CONFIG:-configs/cpu-beta0.0005.toml}
 PY=.venv/bin/python
@@ -28,14 +29,16 @@ if [ ! -f "runs/$NAME.pt" ]; then
 weights_only=False)['step'])" "$STATE")
     BRANCH_CONFIG=runs/$NAME.toml
     # the run's config with a cooldown that starts at the state's step
-    $PY - "$CONFIG" "$START" "$STEPS" "$BETA" "$ADAM_EPS" > "$BRANCH_CONFIG" <<'EOF'
+    $PY - "$CONFIG" "$START" "$STEPS" "$BETA" "$ADAM_EPS" "${TRAIN:-}" > "$BRANCH_CONFIG" <<'EOF'
 import json
 import sys
 import tomllib
 
-config, start, steps, beta, eps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6]
+config, start, steps, beta, eps, extra = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                          *sys.argv[4:7])
 with open(config, "rb") as f:
     cfg = tomllib.load(f)
+cfg["train"].update(tomllib.loads("\n".join(extra.split())))
 cfg["train"].update(lr_cooldown_steps=steps, lr_cooldown_start=start, lr_final=2.5e-5)
 if beta:  # held from the branch's first step
     cfg["train"].update(beta_kl=float(beta), beta_anneal_steps=1)
