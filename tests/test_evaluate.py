@@ -223,6 +223,20 @@ def test_vae_infill_sees_only_the_left_context():
 
 
 @pytest.mark.parametrize("kind", ["vae", "lm"])
+def test_baseline_runs_validate_without_the_clsms_free_running_check(tmp_path, kind, monkeypatch):
+    data = write_cache(tmp_path / "w.npz", n_per_split=3)
+    config = tmp_path / "often.toml"  # default.toml decodes 4 validation batches freely
+    config.write_text("[train]\nvalid_every = 1\nbatch_size = 4\n")
+    monkeypatch.setattr(baselines, "new_model",
+                        lambda k, cfg: PaperVAE(TINY_VAE) if k == "vae" else TransformerLM(TINY_LM))
+    baselines.main(["--kind", kind, "--config", str(config), "--data", str(data),
+                    "--out", str(tmp_path / kind), "--max-steps", "2", "--quiet"])
+    lines = (tmp_path / kind / "log.jsonl").read_text().splitlines()
+    valid = [json.loads(line)["valid"] for line in lines]
+    assert len(valid) == 2 and all("rec" in v and "fr_acc" not in v for v in valid)
+
+
+@pytest.mark.parametrize("kind", ["vae", "lm"])
 def test_training_entry_writes_a_loadable_checkpoint(tmp_path, kind, monkeypatch):
     data = write_cache(tmp_path / "w.npz", n_per_split=3)
     # Tiny sizes: the entry builds the default config, so shrink the defaults for this test.

@@ -256,6 +256,7 @@ def train(args: argparse.Namespace) -> Path:
         tcfg["beta_kl"] = args.gamma
         tcfg["beta_anneal_steps"] = args.anneal_steps
         tcfg["free_bits"] = 0.0
+    tcfg["valid_free_batches"] = 0  # the free-running check decodes a CLSM
     device = run_device(args, tcfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
