@@ -44,15 +44,24 @@ class Ticks:
 
     def __init__(self, rec: Recorder) -> None:
         self.rec, self.index, self.count = rec, 0, -1  # -1: no Start seen yet
+        self.seen: list[float] = []  # when each tick since the Start was fetched
 
     def poll(self) -> int:
-        for _, m in self.rec.messages_from(self.index):
+        for t, m in self.rec.messages_from(self.index):
             self.index += 1
             if m.type == "start":
-                self.count = 0
+                self.count, self.seen = 0, []
             elif m.type == "clock" and self.count >= 0:
                 self.count += 1
+                self.seen.append(t)
         return self.count
+
+    def zero(self, tick_s: float) -> float:
+        """When step 0's tick most likely came: from the least delayed of the ticks seen so far
+        (each is fetched late, by a millisecond of polling or by far more when the machine is
+        busy; one late tick must not move every step after it)."""
+        self.poll()
+        return min(t - k * tick_s for k, t in enumerate(self.seen))
 
     def wait(self, step: float, timeout: float = 30.0) -> float:
         """Until the tick at `step` (a multiple of 1/6) has arrived; returns when it was seen."""

@@ -28,7 +28,7 @@ import pytest
 
 from tests.jack_server import jack_server  # noqa: F401
 from tests.test_e2e_jack import Daemon, cc
-from tests.test_e2e_live import Ticks
+from tests.test_e2e_live import TICKS, Ticks
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -154,10 +154,13 @@ def test_played_notes_appear_in_the_roll(web: Session) -> None:
     web.wait_state("s.transport === 'stopped'")
     ticks = Ticks(d.rec)
     web.page.click("#start")
-    # Timed by the wall clock from the first tick (a loaded JACK can drop a cycle of ticks, which
-    # would make counted ticks late): onsets 10 ms after their step, releases 30 ms before the next.
-    t0 = ticks.wait(0)
+    # Timed by the wall clock from the clock's start (a loaded JACK can drop a cycle of ticks,
+    # which would make counted ticks late), estimated from the least delayed of the ticks of the
+    # first 4 steps (the melody starts at step 16): onsets 10 ms after their step, releases 30 ms
+    # before the next.
     step_s = 60.0 / BPM / 4
+    ticks.wait(4)
+    t0 = ticks.zero(step_s / TICKS)
 
     def at(step: float) -> None:
         time.sleep(max(0.0, t0 + step * step_s - time.monotonic()))
