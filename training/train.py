@@ -36,7 +36,7 @@ from tqdm import tqdm
 from daemon.config import DEFAULT_PATH, merge, read_toml
 from engine import tokens as tk
 from engine.device import DeviceError, add_device_argument, resolve_device, to_device
-from engine.model import CLSM, CLSMConfig, count_parameters
+from engine.model import CLSM, CLSMConfig, count_parameters, gather_span
 from training import distributed as ddp
 from training.accel import Precision, RunningParts, log_interval
 from training.data import load_windows, random_transpositions
@@ -125,7 +125,7 @@ def free_running_accuracy(model: CLSM, x: torch.Tensor, start: torch.Tensor,
                           length: int) -> torch.Tensor:
     """Share of target tokens the argmax decode of the encoder's mean z gets right."""
     z, _ = model.encoder(x, start, length)
-    truth = torch.gather(x, 1, start[:, None] + torch.arange(length, device=x.device))
+    truth = gather_span(x[:, :, None], start, length)[..., 0]
     return (model.decode_naive(x, z, start, length) == truth).float().mean()
 
 
