@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import tokens as tk
-from engine.model import Decoder, DecoderLayer, Prior, replace_target
+from engine.layers import DecoderLayer
+from engine.model import Decoder, Prior, replace_target
 
 
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from engine import tokens as tk
 from engine.decoding import nucleus
-from engine.model import Decoder, DecoderLayer, EncoderLayer, Prior
+from engine.layers import DecoderLayer, EncoderLayer
+from engine.model import Decoder, Prior
 
 MASKED = -1e9  # not -inf: 0 * -inf would be nan in the matmul; exp(-1e9) is exactly 0 anyway
 

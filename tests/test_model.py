@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine import tokens as tk
-from engine.model import CLSM, CLSMConfig, RelativeAttention, decoder_mask, mix_own_guesses
+from engine.layers import RelativeAttention
+from engine.model import CLSM, CLSMConfig, decoder_mask, mix_own_guesses
 
 TINY = CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16, d_flow=32,
                   dropout=0.0)
