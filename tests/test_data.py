@@ -11,6 +11,7 @@ import pytest
 from engine.tokens import HOLD, N_PITCHES, REST, Note, pitch_to_token, tokens_to_notes
 from tests.midi_factory import Meter, Track, scale_melody, write_beat_file, write_midi
 from training import data, prepare
+from training import windows as win
 
 # Quarter notes of a 4/4 bar -> tokens: pitch, hold, hold, hold.
 
@@ -133,18 +134,18 @@ def test_prepare_cli_writes_a_cache_split_by_song(
     assert "mix: files 7/9 kept, tracks 7/10 kept, windows 13" in printed
     assert "pop: files 1/1 kept, tracks 1/3 kept, windows 3" in printed
     assert "dropped file:parse_error: 1" in printed
-    cache = data.load_cache(out)
+    cache = win.load_cache(out)
     assert cache["windows"].shape == (16, 128) and cache["windows"].dtype == np.uint8
     assert meta["windows"] == 16 and cache["meta"]["windows"] == 16
     for i in range(len(cache["songs"])):  # a song never lands in two splits
         assert len(set(cache["split"][cache["song"] == i].tolist())) == 1
-    by_split = [data.load_windows(out, s) for s in data.SPLITS]
+    by_split = [win.load_windows(out, s) for s in win.SPLITS]
     assert sum(len(w) for w in by_split) == 16
-    assert meta["windows_transposed"] == data.count_transpositions(cache["windows"])
+    assert meta["windows_transposed"] == win.count_transpositions(cache["windows"])
     four = cache["windows"][cache["song"] == cache["songs"].index("mix/four")]
     assert four[0].tolist() == quarters(scale_pitches(10)[:32])
     with pytest.raises(ValueError, match="split must be one of"):
-        data.load_windows(out, "training")
+        win.load_windows(out, "training")
 
 
 def test_two_workers_give_the_same_windows(folders: tuple[Path, Path]) -> None:
@@ -157,7 +158,7 @@ def test_two_workers_give_the_same_windows(folders: tuple[Path, Path]) -> None:
 def test_split_proportions_are_seeded_and_by_song() -> None:
     songs = [f"set/{i:03d}" for i in range(200)]
     split = prepare.split_songs(songs, seed=0)
-    counts = np.bincount(list(split.values()), minlength=len(data.SPLITS))
+    counts = np.bincount(list(split.values()), minlength=len(win.SPLITS))
     assert counts.tolist() == [110, 10, 60, 10, 10]
     assert prepare.split_songs(list(reversed(songs)), seed=0) == split  # order does not matter
     assert prepare.split_songs(songs, seed=1) != split
@@ -165,33 +166,33 @@ def test_split_proportions_are_seeded_and_by_song() -> None:
 
 def test_transpositions_stay_in_range() -> None:
     window = np.array(quarters([60, 72] * 16), np.uint8)  # tokens 5 and 17
-    assert data.transpositions(window) == range(-5, 13)
-    assert data.count_transpositions(np.stack([window, window])) == 36
+    assert win.transpositions(window) == range(-5, 13)
+    assert win.count_transpositions(np.stack([window, window])) == 36
     rng = np.random.default_rng(0)
-    batch = data.random_transpositions(np.stack([window] * 400), rng)
+    batch = win.random_transpositions(np.stack([window] * 400), rng)
     shifts = batch[:, 0] - 5
     assert set(shifts.tolist()) == set(range(-5, 13))  # every valid shift drawn, none other
     assert np.array_equal(batch[:, 1:4], np.full((400, 3), HOLD))
     assert np.array_equal(batch[:, 4] - batch[:, 0], np.full(400, 12))
     with pytest.raises(ValueError, match="leaves"):
-        data.transpose(window, 13)
+        win.transpose(window, 13)
     rests = np.full(128, REST, np.uint8)
-    assert data.transpositions(rests) == range(0, 1)
+    assert win.transpositions(rests) == range(0, 1)
 
 
 def test_window_sampler_is_seeded_and_covers_every_window() -> None:
     torch = pytest.importorskip("torch")
     windows = np.stack([np.array(quarters([55 + i] * 32), np.uint8) for i in range(10)])
-    a, b = data.WindowSampler(windows, 5, seed=3), data.WindowSampler(windows, 5, seed=3)
+    a, b = win.WindowSampler(windows, 5, seed=3), win.WindowSampler(windows, 5, seed=3)
     first, second = a.batch(), a.batch()
     assert first.dtype == torch.int64 and first.shape == (5, 128)
     assert torch.equal(first, b.batch()) and torch.equal(second, b.batch())
     assert int(first[first < N_PITCHES].max()) < N_PITCHES
-    plain = data.WindowSampler(windows, 5, seed=3, transpose=False)
+    plain = win.WindowSampler(windows, 5, seed=3, transpose=False)
     epoch = torch.cat([plain.batch(), plain.batch()])
     assert sorted(epoch[:, 0].tolist()) == list(range(10))  # one epoch = each window once
     with pytest.raises(ValueError):
-        data.WindowSampler(windows[:0], 5)
+        win.WindowSampler(windows[:0], 5)
 
 
 def test_window_starting_inside_a_note_starts_with_its_pitch() -> None:

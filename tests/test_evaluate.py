@@ -13,9 +13,9 @@ from engine.model import CLSM, CLSMConfig
 from tests.midi_factory import Track, scale_melody, write_midi
 from training import baselines, evaluate, snapshot
 from training.baselines import LMConfig, PaperVAE, TransformerLM, VAEConfig, checkpoint_kind, load_model
-from training.data import SPLITS
 from training.eval_models import Decoding
 from training.train import load_checkpoint, save_checkpoint
+from training.windows import SPLITS
 
 TINY_CLSM = CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16, d_flow=32,
                        dropout=0.0)

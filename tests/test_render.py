@@ -10,7 +10,7 @@ from engine.model import CLSM
 from tests.test_evaluate import TINY_CLSM, TINY_LM, write_cache, write_tiny
 from training import render
 from training.baselines import TransformerLM
-from training.data import load_windows
+from training.windows import load_windows
 
 
 @pytest.fixture(autouse=True)

@@ -43,7 +43,6 @@ from engine import tokens as tk
 from engine.decoding import nucleus
 from engine.model import CLSM, count_parameters, mlp
 from training.accel import Precision
-from training.data import load_windows
 from training.train import (
     load_checkpoint,
     load_train_config,
@@ -54,6 +53,7 @@ from training.train import (
     training_loop,
     validate,
 )
+from training.windows import load_windows
 
 log = logging.getLogger("training.baselines")
 PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0)

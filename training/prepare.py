@@ -18,13 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import (
-    SPLIT_WEIGHTS,
-    SPLITS,
-    WindowSet,
-    count_transpositions,
-    windows_from_midi_folder,
-)
+from training.data import WindowSet, windows_from_midi_folder
+from training.windows import SPLIT_WEIGHTS, SPLITS, count_transpositions
 
 log = logging.getLogger("training.prepare")
 

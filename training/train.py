@@ -39,7 +39,7 @@ from engine.device import DeviceError, add_device_argument, resolve_device, to_d
 from engine.model import CLSM, CLSMConfig, count_parameters, gather_span
 from training import distributed as ddp
 from training.accel import Precision, RunningParts, log_interval
-from training.data import load_windows, random_transpositions
+from training.windows import load_windows, random_transpositions
 
 log = logging.getLogger("training.train")
 

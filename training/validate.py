@@ -19,9 +19,9 @@ import json
 
 import torch
 
-from training.data import load_windows
 from training.eval_models import load_for_eval
 from training.train import DEFAULT_PATH, load_train_config, validate
+from training.windows import load_windows
 
 
 def main(argv: list[str] | None = None) -> None:
