@@ -103,6 +103,8 @@ def test_json_has_every_field_per_set_and_case_and_is_seeded(tmp_path, tiny_file
                 assert 0.0 <= r["recon_acc"] <= 1.0 and r["lm_nll"] > 0
                 assert 1 <= r["rerolls_distinct"] <= 8 and 1 <= r["interp_distinct"] <= 9
                 assert abs(r["onset_rate"] + r["hold_share"] + r["rest_share"] - 1.0) < 1e-9
+                by_bars = [v for k, v in r.items() if k.startswith("vary_ge15_1.0_bars")]
+                assert by_bars and min(by_bars) <= r["vary_ge15_1.0"] <= max(by_bars)
     assert run_json(capsys, argv) == out  # same seed, same numbers
 
 

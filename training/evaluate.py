@@ -30,7 +30,8 @@ What a player hears (the --decoding rule, i.e. the daemon's):
   the same, argmax. Sampling shares one noise draw per window among re-rolls, interpolation
   and variations, as the engine does (its noise depends on the context only): only z moves;
 - vary_change_0.5 / _1.0: share of tokens a variation z(d) = f^-1(f(z) + d eps) changes from its
-  parent (same noise); vary_ge15_1.0: share of cases where delta 1.0 changes >= 15%;
+  parent (same noise); vary_ge15_1.0: share of cases where delta 1.0 changes >= 15%
+  (vary_ge15_1.0_barsN: the same over the targets of N bars);
 - latent use: prior_sample_acc, the accuracy of decoding one prior draw (argmax) instead of the
   posterior mean: near recon_acc means the decoder barely uses z.
 A MIDI folder as --data is one data set named after the folder (--split ignored). Saved results
@@ -220,6 +221,7 @@ def evaluate_batch(m: ModelUnderTest, t: Tally, x: torch.Tensor, start: int, len
             t.add(f"vary_change_{delta}", change)
             if delta == 1.0:
                 t.add("vary_ge15_1.0", float(change >= 0.15))
+                t.add(f"vary_ge15_1.0_bars{length // tk.STEPS_PER_BAR}", float(change >= 0.15))
 
 
 def summarize(t: Tally) -> dict:
