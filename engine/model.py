@@ -209,14 +209,15 @@ def decoder_mask(start: torch.Tensor, length: int, n_pos: int) -> torch.Tensor:
     return ~key_t | (query_t & not_future)  # (B, n, n)
 
 
-def mix_own_guesses(x: torch.Tensor, guesses: torch.Tensor, start: torch.Tensor, length: int,
+def mix_into_target(x: torch.Tensor, other: torch.Tensor, start: torch.Tensor, length: int,
                     share: float) -> torch.Tensor:
-    """x with each target token replaced, with probability `share`, by the decoder's guess for
-    it (guesses[:, t] predicts x_t); context tokens are never replaced."""
+    """x with each target token replaced, with probability `share`, by other's token at the same
+    position (own guesses: guesses[:, t] predicts x_t; word dropout: all `p`); context tokens
+    are never replaced."""
     pos = torch.arange(x.size(1), device=x.device)
     in_target = (pos[None, :] >= start[:, None]) & (pos[None, :] < start[:, None] + length)
     swap = in_target & (torch.rand(x.shape, device=x.device) < share)
-    return torch.where(swap, guesses, x)
+    return torch.where(swap, other, x)
 
 
 class Decoder(nn.Module):
@@ -267,7 +268,7 @@ class CLSM(nn.Module):
         self.decoder = Decoder(cfg)
 
     def forward(self, x: torch.Tensor, start: torch.Tensor, length: int, beta: float = 1.0,
-                free_bits: float = 0.0, own_guesses: float = 0.0):
+                free_bits: float = 0.0, own_guesses: float = 0.0, word_dropout: float = 0.0):
         """Loss for a batch whose targets all have `length` steps, starting at start (B,).
 
         Returns (total, parts): total = (1/|xT|) Lrec + beta * KL, the negative of the paper's
@@ -278,7 +279,10 @@ class CLSM(nn.Module):
         own_guesses > 0 (not in the paper; parallel scheduled sampling, Duckworth et al. 2019)
         feeds the decoder that share of its own teacher-forced argmax guesses in place of the
         target tokens it reads, so that it learns to go on after its own mistakes as it must
-        when decoding freely; the loss still asks for the true tokens."""
+        when decoding freely; the loss still asks for the true tokens.
+        word_dropout > 0 (not in the paper; Bowman et al. 2016) has the decoder read that share
+        of the target tokens as `p` (after any own guesses), so that it must take more of the
+        target from z; the loss still asks for the true tokens."""
         mean, logvar = self.encoder(x, start, length)
         z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # one sample
         p_mean, p_logvar = self.prior(x, start, length)
@@ -287,7 +291,10 @@ class CLSM(nn.Module):
         if own_guesses > 0:
             with torch.no_grad():
                 guesses = self.decoder(x, z, start, length)[:, :-1].argmax(-1)  # (B, 128)
-            read = mix_own_guesses(x, guesses, start, length, own_guesses)
+            read = mix_into_target(x, guesses, start, length, own_guesses)
+        if word_dropout > 0:
+            dropped = torch.full_like(x, tk.POS)
+            read = mix_into_target(x if read is None else read, dropped, start, length, word_dropout)
         logits = gather_span(self.decoder(x, z, start, length, read=read), start, length)
         target = gather_span(x[:, :, None], start, length)[..., 0]  # (B, T)
         rec = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))

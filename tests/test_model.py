@@ -6,7 +6,7 @@ import torch
 
 from engine import tokens as tk
 from engine.layers import RelativeAttention
-from engine.model import CLSM, CLSMConfig, decoder_mask, mix_own_guesses
+from engine.model import CLSM, CLSMConfig, decoder_mask, mix_into_target
 
 TINY = CLSMConfig(d_model=32, d_ff=64, n_heads=4, d_lstm=32, d_mlp=64, d_z=16, d_flow=32,
                   dropout=0.0)
@@ -119,13 +119,13 @@ def test_loss_falls_on_a_tiny_dataset():
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
-def test_mix_own_guesses_replaces_target_tokens_only():
+def test_mix_into_target_replaces_target_tokens_only():
     x = random_tokens(4, seed=1)
     guesses = (x + 1) % tk.N_SYMBOLS  # every guess differs from its token
     start = torch.tensor([0, 16, 48, 64])
-    assert torch.equal(mix_own_guesses(x, guesses, start, 32, 0.0), x)
-    every = mix_own_guesses(x, guesses, start, 32, 1.0)
-    half = mix_own_guesses(x, guesses, start, 32, 0.5)
+    assert torch.equal(mix_into_target(x, guesses, start, 32, 0.0), x)
+    every = mix_into_target(x, guesses, start, 32, 1.0)
+    half = mix_into_target(x, guesses, start, 32, 0.5)
     for b, s in enumerate(start.tolist()):
         target = slice(s, s + 32)
         assert torch.equal(every[b, target], guesses[b, target])
@@ -157,9 +157,34 @@ def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
     (first_read, first_out), (read, _) = calls
     assert first_read is None  # the guesses come from a teacher-forced pass with the same z
     guesses = first_out[:, :-1].argmax(-1)
-    assert torch.equal(read, mix_own_guesses(x, guesses, start, 32, 1.0))
+    assert torch.equal(read, mix_into_target(x, guesses, start, 32, 1.0))
     assert not torch.equal(read, x) and torch.isfinite(own) and set(parts) == {"rec", "kl", "acc"}
     assert not torch.isclose(own, teacher)
+
+
+def test_word_dropout_has_the_decoder_read_p_for_target_tokens(monkeypatch):
+    model = CLSM(TINY).eval()
+    x, start = random_tokens(3, seed=4), torch.tensor([0, 32, 64])
+    reads = []
+    plain = model.decoder.forward
+
+    def recording(x, z, start, length, read=None):
+        reads.append(read)
+        return plain(x, z, start, length, read=read)
+
+    monkeypatch.setattr(model.decoder, "forward", recording)
+    with torch.no_grad():
+        teacher, _ = model(x, start, 32, beta=0.01)
+        dropped, parts = model(x, start, 32, beta=0.01, word_dropout=1.0)
+    assert reads[0] is None and len(reads) == 2  # one decoder pass each
+    read = reads[1]
+    for b, s in enumerate(start.tolist()):
+        assert torch.all(read[b, s:s + 32] == tk.POS)  # every target token read as `p`
+        outside = torch.ones(tk.SEQ_LEN, dtype=torch.bool)
+        outside[s:s + 32] = False
+        assert torch.equal(read[b, outside], x[b, outside])  # the context as it is
+    assert torch.isfinite(dropped) and not torch.isclose(dropped, teacher)
+    assert set(parts) == {"rec", "kl", "acc"}
 
 
 def test_beta_moves_the_encoder_but_not_the_priors_adam_step():

@@ -290,15 +290,16 @@ def test_adam_eps_comes_from_the_config_also_when_resuming(tmp_path):
     assert train.load_checkpoint(out / "ckpt.pt")["optimizer"]["param_groups"][0]["eps"] == 1e-12
 
 
-def test_own_guesses_reach_the_model_from_the_config(tmp_path, monkeypatch):
+@pytest.mark.parametrize("key", ["own_guesses", "word_dropout"])
+def test_decoder_input_options_reach_the_model_from_the_config(tmp_path, monkeypatch, key):
     argv, out = tiny_run(tmp_path)
-    mixed = tmp_path / "own-guesses.toml"
-    mixed.write_text((tmp_path / "tiny.toml").read_text() + "own_guesses = 0.25\n")
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text((tmp_path / "tiny.toml").read_text() + f"{key} = 0.25\n")
     seen = []
     plain = train.CLSM.forward
 
     def recording(self, *args, **kwargs):
-        seen.append(kwargs.get("own_guesses", 0.0))
+        seen.append(kwargs.get(key, 0.0))
         return plain(self, *args, **kwargs)
 
     monkeypatch.setattr(train.CLSM, "forward", recording)

@@ -13,8 +13,9 @@ a random valid transposition per window, loss (1/|xT|) Lrec + beta * KL with bet
 linearly from 0 (over [train] beta_anneal_steps; optionally with free bits: the KL term is
 max(KL, free_bits) so the optimiser stops squeezing z below that many nats), Adam at the
 paper's constant lr (optionally a linear cooldown: [train] lr_cooldown_*, see lr_at).
-Optionally ([train] own_guesses, not in the paper) the decoder reads a share of its own guesses
-in place of the target tokens (parallel scheduled sampling; CLSM.forward).
+Optionally ([train] own_guesses, word_dropout, not in the paper) the decoder reads a share of its
+own guesses, or of `p`, in place of the target tokens (scheduled sampling, word dropout;
+CLSM.forward).
 Checkpoints are one dict {model, optimizer, model_args, step, config, metrics, torch_rng} written
 atomically and loadable with torch.load(weights_only=True).
 """
@@ -171,12 +172,14 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                start: torch.Tensor, length: int, *, beta: float, free_bits: float,
-               precision: Precision, own_guesses: float = 0.0) -> tuple[torch.Tensor, dict]:
+               precision: Precision, own_guesses: float = 0.0,
+               word_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
     """One optimiser step on the model's device; returns the loss and its parts as device
     tensors (nothing is read back here: on CUDA that would wait for the GPU every step).
-    own_guesses > 0 (the CLSM's [train] own_guesses) is passed on; models without it never
-    see the keyword."""
-    extra = {"own_guesses": own_guesses} if own_guesses > 0 else {}
+    own_guesses or word_dropout > 0 (the CLSM's [train] keys) are passed on; models without
+    them never see the keywords."""
+    extra = {k: v for k, v in (("own_guesses", own_guesses), ("word_dropout", word_dropout))
+             if v > 0}
     with precision.autocast():
         loss, parts = model(x, start, length, beta=beta, free_bits=free_bits, **extra)
     opt.zero_grad(set_to_none=True)
@@ -220,7 +223,8 @@ def training_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, train_w: n
                 set_lr(opt, lr)
                 loss, parts = train_step(model, opt, x, to_device(start, device), length, beta=beta,
                                          free_bits=tcfg.get("free_bits", 0.0), precision=precision,
-                                         own_guesses=tcfg.get("own_guesses", 0.0))
+                                         own_guesses=tcfg.get("own_guesses", 0.0),
+                                         word_dropout=tcfg.get("word_dropout", 0.0))
                 step += 1
                 seen += len(x) * world
                 rate = seen / (time.monotonic() - t0)
