@@ -320,6 +320,28 @@ def test_saved_results_with_the_same_settings_share_one_table(tmp_path, capsys):
     assert table.count("| vae-g0.4 |") == 4 and table.count("| branch-a-2 |") == 4
 
 
+def test_a_baseline_saved_with_fewer_figures_is_still_one_row(tmp_path, capsys):
+    old, new = saved_result({"vae-g0.4": 0.4}), saved_result({"branch": 0.6, "vae-g0.4": 0.4})
+    for cases in new["models"]["vae-g0.4"]["results"].values():
+        for figures in cases.values():
+            figures["vary_ge15_1.0_bars1"] = 0.1  # a figure added after the old result was saved
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    merged = run_json(capsys, ["--from", str(tmp_path / "old.json"), "--from",
+                               str(tmp_path / "new.json")])
+    assert list(merged["models"]) == ["vae-g0.4", "branch"]
+    new["models"]["vae-g0.4"]["results"]["pop909"]["left"]["recon_acc"] = 0.4 + 1e-9  # rounding
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    merged = run_json(capsys, ["--from", str(tmp_path / "old.json"), "--from",
+                               str(tmp_path / "new.json")])
+    assert list(merged["models"]) == ["vae-g0.4", "branch"]
+    new["models"]["vae-g0.4"]["results"]["pop909"]["left"]["recon_acc"] = 0.41  # other figures
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    merged = run_json(capsys, ["--from", str(tmp_path / "old.json"), "--from",
+                               str(tmp_path / "new.json")])
+    assert list(merged["models"]) == ["vae-g0.4", "branch", "vae-g0.4-2"]
+
+
 def test_saved_results_with_other_settings_are_refused_by_name(tmp_path, capsys):
     a = tmp_path / "a.json"
     b = tmp_path / "b.json"

@@ -4,6 +4,7 @@ printing them as text or Markdown (`python -m training.evaluate --from FILE.json
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 CASES = ("left", "other")  # context cases: left context only / a right context too
@@ -15,8 +16,9 @@ SAME_SETTINGS = ("data", "split", "n_per_set", "batch", "seed", "decoding")
 
 def merge_results(results: list[dict]) -> dict:
     """One result with the models of several saved ones: a model already there with the same
-    figures (a baseline evaluated beside each checkpoint) is kept once, another of the same name
-    is renamed. Results whose settings differ in SAME_SETTINGS are refused."""
+    figures (a baseline evaluated beside each checkpoint, maybe by an older version with fewer
+    figures) is kept once, another of the same name is renamed. Results whose settings differ
+    in SAME_SETTINGS are refused."""
     merged = {**results[0], "models": dict(results[0]["models"]),
               "settings": dict(results[0]["settings"])}
     for other in results[1:]:
@@ -26,13 +28,30 @@ def merge_results(results: list[dict]) -> dict:
                              + ", ".join(f"{k} {merged['settings'].get(k)!r} vs "
                                          f"{other['settings'].get(k)!r}" for k in differ))
         for name, entry in other["models"].items():
-            if merged["models"].get(name, {}).get("results") == entry["results"]:
+            if name in merged["models"] and same_figures(merged["models"][name]["results"],
+                                                         entry["results"]):
                 continue
             merged["models"][unique_name(name, merged["models"])] = entry
         for key in ("checkpoints", "baselines"):  # where every row came from
             merged["settings"][key] = [*merged["settings"].get(key, []),
                                        *other["settings"].get(key, [])]
     return merged
+
+
+def same_figures(a: dict, b: dict) -> bool:
+    """Two models' results ({data set: {case: {figure: value}}}) agree on every figure both
+    have, up to float rounding (the LM's sums differ in the 8th digit between runs): a result
+    saved by a later version of training.evaluate may have more figures."""
+    if a.keys() != b.keys() or any(a[ds].keys() != b[ds].keys() for ds in a):
+        return False
+    return all(same_figure(a[ds][case][k], b[ds][case][k])
+               for ds in a for case in a[ds] for k in a[ds][case].keys() & b[ds][case].keys())
+
+
+def same_figure(x: float | None, y: float | None) -> bool:
+    if x is None or y is None:
+        return x is y
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def load_saved(path: str) -> dict:
