@@ -239,6 +239,22 @@ def test_baseline_runs_validate_without_the_clsms_free_running_check(tmp_path, k
 
 
 @pytest.mark.parametrize("kind", ["vae", "lm"])
+def test_baseline_runs_ignore_the_clsms_decoder_input_keys_with_a_warning(tmp_path, kind,
+                                                                          monkeypatch, caplog):
+    data = write_cache(tmp_path / "w.npz", n_per_split=3)
+    config = tmp_path / "branch.toml"  # a CLSM branch's config, taken for its sizes
+    config.write_text("[train]\nbatch_size = 4\nown_guesses = 0.5\nword_dropout = 0.25\n")
+    monkeypatch.setattr(baselines, "new_model",
+                        lambda k, cfg: PaperVAE(TINY_VAE) if k == "vae" else TransformerLM(TINY_LM))
+    with caplog.at_level("WARNING", logger="training.baselines"):
+        baselines.main(["--kind", kind, "--config", str(config), "--data", str(data),
+                        "--out", str(tmp_path / kind), "--max-steps", "2", "--quiet"])
+    assert load_checkpoint(tmp_path / kind / "ckpt.pt")["step"] == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "own_guesses" in warned and "word_dropout" in warned
+
+
+@pytest.mark.parametrize("kind", ["vae", "lm"])
 def test_training_entry_writes_a_loadable_checkpoint(tmp_path, kind, monkeypatch):
     data = write_cache(tmp_path / "w.npz", n_per_split=3)
     # Tiny sizes: the entry builds the default config, so shrink the defaults for this test.

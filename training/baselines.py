@@ -56,6 +56,8 @@ from training.train import (
 from training.windows import load_windows
 
 log = logging.getLogger("training.baselines")
+
+CLSM_ONLY_KEYS = ("own_guesses", "word_dropout")  # [train] keys of the CLSM's decoder input
 PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0)
 
 
@@ -257,6 +259,11 @@ def train(args: argparse.Namespace) -> Path:
         tcfg["beta_anneal_steps"] = args.anneal_steps
         tcfg["free_bits"] = 0.0
     tcfg["valid_free_batches"] = 0  # the free-running check decodes a CLSM
+    for key in CLSM_ONLY_KEYS:  # a branch's config may carry them: these models have no such input
+        if tcfg.get(key, 0.0):
+            log.warning("[train] %s = %s is the CLSM's: the %s trains without it", key, tcfg[key],
+                        args.kind)
+        tcfg[key] = 0.0
     device = run_device(args, tcfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
