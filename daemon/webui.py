@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from daemon import rules
 from daemon.control import ACTIONS, Command, CommandError, parse_payload
@@ -56,6 +56,7 @@ class WebStats:
     replies_dropped: int = 0  # oldest replies dropped for a slow browser
     states_skipped: int = 0  # states replaced by a newer one before a browser took them
     slow_closed: int = 0  # browsers dropped after a send took longer than send_timeout_s
+    too_big_closed: int = 0  # connections closed (1009) for a frame over max_frame
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -217,9 +218,13 @@ class WebServer:
                     self.stats.received += 1
                     self.error(client, "binary frames are not commands: send JSON text "
                                'like {"action": "undo"}')
-                elif msg.type == WSMsgType.ERROR:
+                elif msg.type == WSMsgType.ERROR:  # msg.data: the exception (aiohttp closed)
+                    # the exception's code, not ws.close_code: a client that resets the
+                    # connection during the close handshake turns that into 1006
+                    if getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
+                        self.stats.too_big_closed += 1
                     self.throttle.warning("web: connection closed on an error: %s",
-                                          show(str(ws.exception()), 100))
+                                          show(str(msg.data), 100))
                     break
         finally:
             self.clients.discard(client)

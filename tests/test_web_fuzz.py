@@ -98,7 +98,7 @@ async def vanish(port: int, reset: bool) -> None:
 async def fuzz(http: aiohttp.ClientSession, url: str, port: int,
                windows: dict[str, list[tuple[float, float]]]) -> dict[str, int]:
     """Quiet and fuzz windows of WINDOW_S, alternating (the machine's own noise hits both)."""
-    counts = {"sent": 0, "errors": 0, "closed_1009": 0}
+    counts = {"sent": 0, "errors": 0, "closed_over_limit": 0}
     stuck = socket.create_connection(("127.0.0.1", port))  # a page that never reads
     stuck.sendall(HANDSHAKE.format(port=port).encode())
     async with http.ws_connect(url, max_msg_size=0) as ws:
@@ -133,10 +133,17 @@ async def fuzz(http: aiohttp.ClientSession, url: str, port: int,
                 await asyncio.sleep(max(0.0, 0.25 - (time.monotonic() - t)))
             windows["fuzz"].append((t1, time.monotonic()))
     async with http.ws_connect(url) as ws:  # over the hard limit: this socket is closed
-        await ws.send_str("y" * (3 << 20))
-        while (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
-            pass
-        counts["closed_1009"] += ws.close_code == 1009
+        # The server closes it on reading the frame's header, with the rest unread, so the
+        # kernel resets the connection: the client sees the close frame (1009), or an abnormal
+        # close (1006), or a reset while still sending, by timing. The server's own count
+        # (web stats, too_big_closed) says why it closed.
+        try:
+            await ws.send_str("y" * (3 << 20))
+            while (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+                pass
+            counts["closed_over_limit"] += ws.close_code in (1009, 1006)
+        except (ConnectionError, aiohttp.ClientError):
+            counts["closed_over_limit"] += 1
     stuck.close()
     counts["vanished"], counts["rounds"] = vanished, round_
     return counts
@@ -160,6 +167,11 @@ def test_fuzz_gets_error_replies_and_leaves_state_and_typical_timing_alone(jack_
             before = await state_of(http, url)
             counts = await fuzz(http, url, child.http_port, windows)
             after = await state_of(http, url)
+            for _ in range(40):  # the server counts the over-limit close once its handshake ends
+                if after["web"]["too_big_closed"]:
+                    break
+                await asyncio.sleep(0.5)
+                after = await state_of(http, url)
             async with http.ws_connect(url) as ws:  # still answering good commands
                 await ws.send_str('{"action": "seed", "value": 3, "id": "ok"}')
                 while (reply := json.loads((await ws.receive(timeout=10)).data))["type"] != "result":
@@ -181,7 +193,8 @@ def test_fuzz_gets_error_replies_and_leaves_state_and_typical_timing_alone(jack_
                                                                        ("fuzz", loud))}
     print(f"\nsend error ms {figures}; {counts}; web {web}; timing {result['timing']}")
     assert counts["errors"] == counts["sent"] and counts["sent"] > 40, counts
-    assert counts["closed_1009"] == 1 and counts["vanished"] >= 100, counts
+    assert counts["closed_over_limit"] == 1, counts
+    assert web["too_big_closed"] == 1 and counts["vanished"] >= 100, (counts, web)
     assert {k: before[k] for k in KEEP} == {k: after[k] for k in KEEP}
     assert web["errors"] >= counts["sent"], web
     assert web["connections"] + web["refused"] >= 100, web  # more than max_clients at once
