@@ -137,9 +137,8 @@ def test_mix_into_target_replaces_target_tokens_only():
     assert 0.3 < swapped < 0.7
 
 
-def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
-    model = CLSM(TINY).eval()
-    x, start = random_tokens(3, seed=2), torch.tensor([0, 32, 64])
+def record_decoder_calls(model: CLSM, monkeypatch) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """(read, logits) of every decoder pass the model makes from now on."""
     calls = []
     plain = model.decoder.forward
 
@@ -149,6 +148,13 @@ def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
         return out
 
     monkeypatch.setattr(model.decoder, "forward", recording)
+    return calls
+
+
+def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
+    model = CLSM(TINY).eval()
+    x, start = random_tokens(3, seed=2), torch.tensor([0, 32, 64])
+    calls = record_decoder_calls(model, monkeypatch)
     with torch.no_grad():
         teacher, _ = model(x, start, 32, beta=0.01)
         assert len(calls) == 1 and calls[0][0] is None  # the paper's loss: one teacher-forced pass
@@ -165,19 +171,12 @@ def test_own_guesses_feed_the_decoder_its_teacher_forced_argmax(monkeypatch):
 def test_word_dropout_has_the_decoder_read_p_for_target_tokens(monkeypatch):
     model = CLSM(TINY).eval()
     x, start = random_tokens(3, seed=4), torch.tensor([0, 32, 64])
-    reads = []
-    plain = model.decoder.forward
-
-    def recording(x, z, start, length, read=None):
-        reads.append(read)
-        return plain(x, z, start, length, read=read)
-
-    monkeypatch.setattr(model.decoder, "forward", recording)
+    calls = record_decoder_calls(model, monkeypatch)
     with torch.no_grad():
         teacher, _ = model(x, start, 32, beta=0.01)
         dropped, parts = model(x, start, 32, beta=0.01, word_dropout=1.0)
-    assert reads[0] is None and len(reads) == 2  # one decoder pass each
-    read = reads[1]
+    assert calls[0][0] is None and len(calls) == 2  # one decoder pass each
+    read = calls[1][0]
     for b, s in enumerate(start.tolist()):
         assert torch.all(read[b, s:s + 32] == tk.POS)  # every target token read as `p`
         outside = torch.ones(tk.SEQ_LEN, dtype=torch.bool)

@@ -18,6 +18,7 @@ from engine.tokens import N_PITCHES
 SPLITS = ("train", "valid", "lm_train", "lm_valid", "test")  # the cache's splits, by song
 SPLIT_WEIGHTS = (11, 1, 6, 1, 1)
 
+
 # ---------------------------------------------------------------------------- transposition
 
 
